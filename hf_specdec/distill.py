@@ -177,6 +177,17 @@ def choose_kept_tokens(samples: list[TeacherSample], head: torch.nn.Linear, size
     return sorted(mass.topk(size).indices.tolist())
 
 
+# what describes the target itself (its class, file, quantization) rather than the shape the draft inherits
+TARGET_ONLY_CONFIG_KEYS = (
+    "model_type",
+    "architectures",
+    "transformers_version",
+    "quantization_config",
+    "_name_or_path",
+    "_model_name_or_path",
+)
+
+
 def draft_config_from_target(target_config, kept_token_ids: list[int], num_layers: int, oov_rank: int):
     if target_config.model_type != "llama":
         raise ValueError(
@@ -184,7 +195,7 @@ def draft_config_from_target(target_config, kept_token_ids: list[int], num_layer
             "use a Llama-architecture target (SmolLM2, Llama, ...)"
         )
     fields = target_config.to_dict()
-    for key in ("model_type", "architectures", "transformers_version", "quantization_config", "_name_or_path"):
+    for key in TARGET_ONLY_CONFIG_KEYS:
         fields.pop(key, None)
     fields.update(
         num_hidden_layers=num_layers,
@@ -285,8 +296,8 @@ def batch_stream(lengths: list[int], batch_size: int, seed: int, start_step: int
 class TrainingOptions:
     steps: int = 1000
     batch_size: int = 16  # sequences per step
-    lr: float = 5e-4
-    warmup_steps: int = 20
+    lr: float = 1e-3
+    warmup_steps: int = 30
     final_lr_fraction: float = 0.1  # cosine decay from lr to lr * this
     grad_clip: float = 1.0
     checkpoint_every: int = 50

@@ -5,7 +5,7 @@ import torch
 from draft_fixtures import EOS_ID, VOCAB_SIZE, prompts, tiny_target, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from hf_specdec import distill
+from hf_specdec import data, distill, draft_quality
 from hf_specdec.cli import build_parser
 from hf_specdec.draft_model import ReducedVocabLlamaForCausalLM
 
@@ -120,3 +120,20 @@ def test_teacher_data_from_other_prompts_is_refused(target, tmp_path):
     distill.generate_teacher_data(target, tiny_tokenizer(), prompts(2), tmp_path, 2, 4, seed=0)
     with pytest.raises(ValueError, match="other prompts or settings"):
         distill.generate_teacher_data(target, tiny_tokenizer(), prompts(2, seed=1), tmp_path, 2, 4, seed=0)
+
+
+def test_sharegpt_split_is_disjoint_fixed_and_about_ten_percent_held_out():
+    train, heldout = data.user_messages("train"), data.user_messages("heldout")
+    assert not set(train) & set(heldout)
+    assert 0.08 < len(heldout) / (len(train) + len(heldout)) < 0.12
+    assert heldout[0] == data.user_messages("heldout")[0] and all(len(m) >= data.MIN_PROMPT_CHARS for m in heldout)
+
+
+def test_a_draft_equal_to_its_target_is_always_accepted(target, samples):
+    draft = distill.init_draft_from_target(target, list(range(VOCAB_SIZE)), [0, 1, 2], oov_rank=4).eval()
+    stats = draft_quality.acceptance(draft, target.get_output_embeddings(), samples)
+    assert stats["alpha"] == pytest.approx(1.0, abs=1e-5) and stats["top1_agreement"] == 1.0
+    assert stats["positions"] == sum(s.generated_len for s in samples)
+    assert draft_quality.chain_block_efficiency(1.0, 4) == 5 and draft_quality.chain_block_efficiency(0.5, 1) == 1.5
+    cost = draft_quality.relative_cost(draft, target, token_counts=(1, 4), past_len=8)
+    assert set(cost) == {"1", "4"} and all(c["ratio"] > 0 for c in cost.values())
