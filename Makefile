@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hf-specdec generate "Explain speculative decoding in one paragraph."
+	$(PY) examples/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q

@@ -65,6 +65,8 @@ class ReducedVocabEmbedding(nn.Module):
 class ReducedVocabHead(nn.Linear):
     """Logits for the kept tokens only, scattered into a full-vocabulary tensor that is -inf elsewhere."""
 
+    LINEAR_METHOD = "kept_logits"  # what `backends.cpu_kernels.packed_linears` may swap for a prepacked GEMM
+
     def __init__(self, config: ReducedVocabLlamaConfig):
         super().__init__(config.hidden_size, len(config.kept_token_ids), bias=False)
         self.vocab_size = config.vocab_size

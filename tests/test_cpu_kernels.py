@@ -42,3 +42,19 @@ def test_packed_copy_is_cached_and_follows_weight_updates():
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("HF_SPECDEC_PREPACK", "0")
     assert not prepacking_available(tiny_model("llama"))
+
+
+def test_reduced_vocabulary_head_is_packed_and_keeps_its_minus_infinity():
+    from test_models import tiny_draft
+
+    draft = tiny_draft()
+    ids = torch.randint(0, draft.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        reference = draft(ids).logits
+        with packed_linears(draft):
+            assert "kept_logits" in vars(draft.lm_head)
+            packed = draft(ids).logits
+    assert "kept_logits" not in vars(draft.lm_head)
+    assert torch.equal(torch.isneginf(packed), torch.isneginf(reference))
+    kept = torch.isfinite(reference)
+    torch.testing.assert_close(packed[kept], reference[kept], atol=1e-5, rtol=1e-5)

@@ -63,12 +63,24 @@ def _packed_forward(module: torch.nn.Linear):
 @contextlib.contextmanager
 def packed_linears(model, enabled: bool = True):
     """Inside the context, every `nn.Linear` of `model` multiplies with prepacked weights (see the module docstring)."""
-    # plain nn.Linear only, and not those whose forward is already wrapped (e.g. by accelerate hooks)
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in vars(m)] if enabled else []
-    for module in linears:
-        module.forward = _packed_forward(module)
+    linears = [(m, _linear_method(m)) for m in model.modules()] if enabled else []
+    # not those whose method is already wrapped on the instance (e.g. by accelerate hooks)
+    linears = [(m, name) for m, name in linears if name is not None and name not in vars(m)]
+    for module, name in linears:
+        setattr(module, name, _packed_forward(module))
     try:
         yield
     finally:
-        for module in linears:
-            del module.forward  # back to the class's forward
+        for module, name in linears:
+            delattr(module, name)  # back to the class's method
+
+
+def _linear_method(module: torch.nn.Module) -> str | None:
+    """The method of `module` that computes `F.linear(x, weight, bias)`: `forward` of a plain `nn.Linear`; an
+    `nn.Linear` subclass that post-processes the product names its method in `LINEAR_METHOD` (e.g. a draft's
+    reduced-vocabulary head); other subclasses are left alone."""
+    if type(module) is torch.nn.Linear:
+        return "forward"
+    if isinstance(module, torch.nn.Linear):
+        return getattr(type(module), "LINEAR_METHOD", None)
+    return None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 # subcommand -> module (imported lazily so `hf-specdec --help` stays fast)
@@ -24,10 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:  # TODO(skeleton): remove once every subcommand exists
-            continue
-        module = importlib.import_module(module_name)
-        module.add_parser(subparsers)
+        importlib.import_module(module_name).add_parser(subparsers)
     return parser
 
 
