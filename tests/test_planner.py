@@ -298,3 +298,10 @@ def test_simulate_cli_bad_input(argv, message, capsys):
 
     assert main(["simulate", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_shipped_draft_is_modelled_with_its_reduced_head():
+    from hf_specdec.models import DRAFT_DIR
+
+    draft = load_shape(str(DRAFT_DIR))
+    assert (draft.num_layers, draft.hidden_size, draft.vocab_size) == (2, 576, 8192)
