@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import character_tokenizer, perturbed_copy, tiny_model
+from tiny_models import character_tokenizer, left_padded_prompts, perturbed_copy, tiny_model
 from transformers import StopStringCriteria, StoppingCriteriaList
 
 from hf_specdec import speculative_generate
@@ -21,12 +21,7 @@ def pair():
 
 @pytest.fixture(scope="module")
 def batch():
-    torch.manual_seed(3)
-    input_ids = torch.randint(3, 96, (3, 8))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :3] = 0
-    input_ids[attention_mask == 0] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return left_padded_prompts([0, 3, 0], 8, 96, seed=3)
 
 
 def speculative(draft, config, **kwargs):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, perturbed_copy, tiny_model
+from tiny_models import FAMILIES, left_padded_prompts, perturbed_copy, tiny_model
 
 from hf_specdec import speculative_generate
 
@@ -18,13 +18,8 @@ NEW_TOKENS = 64
 
 
 def prompts(batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    torch.manual_seed(7)
-    input_ids = torch.randint(3, vocab, (batch, 9))
-    attention_mask = torch.ones_like(input_ids)
-    for row in range(1, batch):  # left padding of 2, 4, ... tokens
-        attention_mask[row, : 2 * row] = 0
-    input_ids[attention_mask == 0] = 0
-    return input_ids, attention_mask
+    padded = left_padded_prompts([2 * row for row in range(batch)], 9, vocab, seed=7)  # left padding of 0, 2, 4, ...
+    return padded["input_ids"], padded["attention_mask"]
 
 
 def generate(model, inputs, **kwargs):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from onnx_fixtures import export_tiny_pair, tiny_pair
+from tiny_models import left_padded_prompts
 from transformers import GenerationConfig
 
 from hf_specdec import speculative_generate
@@ -26,13 +27,7 @@ def pair(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch():
-    torch.manual_seed(7)
-    input_ids = torch.randint(3, 96, (3, 9))
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, :2] = 0
-    attention_mask[2, :4] = 0
-    input_ids[attention_mask == 0] = 0
-    return {"input_ids": input_ids, "attention_mask": attention_mask}
+    return left_padded_prompts([0, 2, 4], 9, 96, seed=7)
 
 
 def decode_onnxruntime(exported, batch, method, **options):

@@ -23,6 +23,18 @@ from transformers import (
 FAMILIES = ("llama", "qwen2", "mistral", "gpt2", "opt")
 
 
+def left_padded_prompts(pad_lengths: list[int], length: int, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """Random prompts (token ids >= 3, clear of special ids) of `length` slots, row i left-padded with
+    `pad_lengths[i]` zeros: {"input_ids", "attention_mask"} as a tokenizer returns them."""
+    torch.manual_seed(seed)
+    input_ids = torch.randint(3, vocab_size, (len(pad_lengths), length))
+    attention_mask = torch.ones_like(input_ids)
+    for row, pad in enumerate(pad_lengths):
+        attention_mask[row, :pad] = 0
+    input_ids[attention_mask == 0] = 0
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def tiny_model(family: str = "llama", vocab_size: int = 64, attn_implementation: str = "sdpa", seed: int = 0, scale: float = 0.02, **overrides):
     """A 2-layer model of `family`; `scale` is the init std (larger gives peakier distributions)."""
     torch.manual_seed(seed)
