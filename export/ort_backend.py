@@ -79,7 +79,7 @@ class OrtBackend:
             )
 
     # ------------------------------------------------------------------ ModelBackend
-    def reset(self, batch_size: int) -> None:
+    def reset(self, batch_size: int, prompt_lengths: torch.Tensor | None = None) -> None:
         self._check_limit("batch", batch_size, f"this generate call has {batch_size} rows")
         e = self.entry
         self.cache = torch.zeros(e.num_layers, 2, batch_size, e.kv_heads, CAPACITY_BLOCK, e.head_dim, dtype=self.dtype, device=self.device)
@@ -109,6 +109,9 @@ class OrtBackend:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.cache = self.cache[:, :, rows]
+
+    def finish(self, generated_tokens: int) -> None:
+        """Nothing to settle: the exported graph's rotary frequencies do not depend on the sequence length."""
 
     # ------------------------------------------------------------------ internals
     def _check_limit(self, dim: str, size: int, what: str) -> None:

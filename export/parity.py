@@ -30,7 +30,7 @@ def tree_logits(backend: ModelBackend, prompt: torch.Tensor, prompt_mask: torch.
     valid = prompt_mask[:, :-1].bool()
     positions = torch.where(valid, valid.long().cumsum(1) - 1, 1)
     layout = CacheLayout(len(prompt), prompt.device)
-    backend.reset(len(prompt))
+    backend.reset(len(prompt), prompt_mask.sum(1))
     slots = layout.append(valid, positions)
     backend.prefill(prompt[:, :-1], positions, layout.mask(slots), layout.positions)
     size = tree.size

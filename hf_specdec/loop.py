@@ -144,6 +144,9 @@ class SpeculativeDecoder:
 
         if self.streamer is not None:
             self.streamer.end()
+        generated = int(self.lengths.max()) - prompt_length
+        for backend in (self.target, self.draft) if self.drafter is not None else (self.target,):
+            backend.finish(generated)
         self.stats.time_total = timer.now() - start_time
         return self._result()
 
@@ -151,11 +154,12 @@ class SpeculativeDecoder:
     def _prefill(self, input_ids, positions, valid):
         batch = input_ids.shape[0]
         self.target_layout = CacheLayout(batch, input_ids.device)
-        self.target.reset(batch)
+        prompt_lengths = self.root_positions + 1  # real tokens per row
+        self.target.reset(batch, prompt_lengths)
         models = [(self.target, self.target_layout)]
         if self.drafter is not None:
             self.draft_layout = CacheLayout(batch, input_ids.device)
-            self.draft.reset(batch)
+            self.draft.reset(batch, prompt_lengths)
             models.append((self.draft, self.draft_layout))
             # the draft's inputs not yet in its cache: the root (and, after a step, a leaf it never processed)
             self.draft_pending = input_ids.new_zeros(batch, 2)

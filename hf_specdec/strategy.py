@@ -21,6 +21,7 @@ from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_available
 from hf_specdec.backends.hf import HFBackend
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.loop import SpeculativeDecoder, SpeculativeStats
+from hf_specdec.rope import check_supported as check_rope_supported
 
 
 @dataclass
@@ -129,6 +130,9 @@ def speculative_generate(
         speculative_streamer,
         batch_size,
     )
+    attention_mask = model_kwargs.get("attention_mask")
+    check_rope_supported(model, torch.ones_like(input_ids) if attention_mask is None else attention_mask,
+                         generation_config.max_length)
     temperature = _sampling_temperature(generation_config)
     config = _resolve_config(speculative_config, model, draft_model, batch_size, input_ids.shape[1], temperature)
     decoder = SpeculativeDecoder(

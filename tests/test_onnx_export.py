@@ -145,7 +145,7 @@ def test_batch_beyond_the_export(llama_copy):
     edit_manifest(llama_copy, max_dims={"batch": 2, "new": MAX_NEW_TOKENS, "past": 256})
     pair = load_onnxruntime_pair(llama_copy)
     with pytest.raises(ManifestError, match="at most 2 \\(batch\\).*--max-batch 3"):
-        pair.target.reset(3)
+        pair.target.reset(3, torch.full((3,), 4))
 
 
 def test_tree_beyond_the_export(exported):

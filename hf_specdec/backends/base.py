@@ -15,8 +15,8 @@ class ModelBackend(Protocol):
     device: torch.device
     vocab_size: int
 
-    def reset(self, batch_size: int) -> None:
-        """Start an empty cache for `batch_size` rows."""
+    def reset(self, batch_size: int, prompt_lengths: torch.Tensor) -> None:
+        """Start an empty cache for `batch_size` rows; `prompt_lengths` [B]: real (unpadded) prompt tokens per row."""
 
     def prefill(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, key_positions: torch.Tensor) -> None:
         """Append T slots computing their K/V only (no logits are needed). Shapes: input_ids and position_ids [B, T];
@@ -31,3 +31,6 @@ class ModelBackend(Protocol):
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (finished rows stop costing work)."""
+
+    def finish(self, generated_tokens: int) -> None:
+        """The call is over; the longest row generated `generated_tokens` tokens."""

@@ -5,7 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+import contextlib
+
 from hf_specdec.cache_layout import sliding_window_mask
+from hf_specdec.rope import PlainDecodingRope
 
 # attention implementations that apply an arbitrary 4D mask (flash attention kernels only know causal + padding)
 TREE_MASK_ATTENTION = ("eager", "sdpa")
@@ -47,9 +50,12 @@ class HFBackend:
         self.min_value = torch.finfo(model.dtype).min
         self.supports_logits_to_keep = model._supports_logits_to_keep()
         self.cache = None
+        self.rope = PlainDecodingRope.for_model(model)  # None unless the rotary frequencies depend on the length
 
-    def reset(self, batch_size: int) -> None:
+    def reset(self, batch_size: int, prompt_lengths: torch.Tensor) -> None:
         self.cache = DynamicCache()
+        if self.rope is not None:
+            self.rope.start(prompt_lengths)
 
     def _model_mask(self, mask: torch.Tensor, position_ids: torch.Tensor, key_positions: torch.Tensor):
         # eager attention adds the mask to the scores: it must be float (a bool mask is silently wrong there)
@@ -64,6 +70,10 @@ class HFBackend:
         return windowed
 
     def _run(self, input_ids, position_ids, attention_mask, key_positions, logits_to_keep):
+        with contextlib.nullcontext() if self.rope is None else self.rope.patched(position_ids):
+            return self._call_model(input_ids, position_ids, attention_mask, key_positions, logits_to_keep)
+
+    def _call_model(self, input_ids, position_ids, attention_mask, key_positions, logits_to_keep):
         return self.model(
             input_ids=input_ids,
             position_ids=position_ids,
@@ -91,3 +101,9 @@ class HFBackend:
 
     def select_rows(self, rows: torch.Tensor) -> None:
         self.cache.batch_select_indices(rows)
+        if self.rope is not None:
+            self.rope.select_rows(rows)
+
+    def finish(self, generated_tokens: int) -> None:
+        if self.rope is not None:
+            self.rope.finish(generated_tokens)
