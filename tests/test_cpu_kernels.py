@@ -1,12 +1,14 @@
-"""Prepacked linear weights: same results, used only inside the context, rebuilt when weights change."""
+"""Prepacked linear weights: same results, used only inside the context, never stale after a weight changes."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_model
+from tiny_models import perturbed_copy, tiny_model
 
-from hf_specdec.backends.cpu_kernels import packed_linears, packed_weight, prepacking_available
+from hf_specdec import speculative_generate
+
+from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_available
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (mkldnn)")
 
@@ -26,17 +28,46 @@ def test_same_logits_and_the_model_is_restored():
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-def test_packed_copy_is_cached_and_follows_weight_updates():
-    linear = torch.nn.Linear(8, 4)
-    first = packed_weight(linear.weight)
-    assert packed_weight(linear.weight) is first
-    with torch.no_grad():
-        linear.weight.mul_(2.0)
-    second = packed_weight(linear.weight)
-    assert second is not first
-    x = torch.randn(3, 8)
-    out = torch.ops.mkldnn._linear_pointwise(x, second, linear.bias, "none", [], "")
-    torch.testing.assert_close(out, linear(x))
+def _lora_style_update(model, how: str) -> None:
+    """Change the weights the ways adapters and merges do, most of them invisible to a tensor's version counter."""
+    linear = model.model.layers[0].mlp.down_proj
+    delta = 0.5 * torch.randn_like(linear.weight)
+    if how == "data +=":
+        linear.weight.data += delta
+    elif how == "data =":
+        linear.weight.data = linear.weight.data + delta
+    elif how == "load_state_dict":
+        state = model.state_dict()
+        state["model.layers.0.mlp.down_proj.weight"] = state["model.layers.0.mlp.down_proj.weight"] + delta
+        model.load_state_dict(state)
+    elif how == "no_grad in place":
+        with torch.no_grad():
+            linear.weight.add_(delta)
+    elif how == "module swap":  # set_adapter-style: another module in the same place
+        swapped = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
+        with torch.no_grad():
+            swapped.weight.copy_(linear.weight + delta)
+        model.model.layers[0].mlp.down_proj = swapped
+    else:
+        raise ValueError(how)
+
+
+@pytest.mark.parametrize("how", ["data +=", "data =", "load_state_dict", "no_grad in place", "module swap"])
+def test_weights_changed_between_calls_are_seen(how):
+    """A packed copy never outlives its weight's values: after an update, speculative output still equals plain."""
+    target = tiny_model("llama", vocab_size=96, scale=0.3)
+    target.generation_config.eos_token_id = None
+    draft = perturbed_copy(target, noise=0.05)
+    ids = torch.randint(3, 96, (1, 8))
+    kwargs = dict(do_sample=False, max_new_tokens=24, pad_token_id=0)
+    speculative = dict(custom_generate=speculative_generate, draft_model=draft, speculative_config="sd:l=3")
+    before = target.generate(ids, **kwargs, **speculative)
+    assert torch.equal(before, target.generate(ids, **kwargs))
+    _lora_style_update(target, how)
+    _lora_style_update(draft, how)
+    reference = target.generate(ids, **kwargs)
+    assert not torch.equal(reference, before), "the update should change the output"
+    assert torch.equal(target.generate(ids, **kwargs, **speculative), reference)
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -8,22 +8,21 @@ this project's 2-core AMD EPYC, the 576 x 49152 LM head takes 24.7 ms for 9 rows
 and a whole 5-token forward costs about what a 1-token forward does. Results are float32 GEMMs with another summation
 order (differences of the order of 1e-6 relative, like those between a tree forward and a one-token forward).
 
-The packed copies cost one extra copy of the linear weights; they are built on first use, cached per weight tensor
-(and rebuilt if the weight is modified), and used only inside `packed_linears(model)`: the model is left as it was.
+The packed copies cost one extra copy of the linear weights. They exist only inside `packed_linears(model)` (one
+generate call): packed on first use there and dropped on exit, so a weight changed between calls in any way (`.data`
+writes, which bump no version counter, rebinding, `load_state_dict`, swapped modules) is packed anew; the model is left
+as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 
 import torch
 
 # the batch-size hint oneDNN packs for; the packed layout serves any number of rows
 ROWS_HINT = 16
-# id(weight) -> (weakref to the weight, its version when packed, packed copy); entries go when the weight goes
-_PACKED: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def prepacking_enabled() -> bool:
@@ -39,23 +38,19 @@ def prepacking_available(model) -> bool:
 
 
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
-    """oneDNN's packed copy of a [out, in] weight, cached while the weight is unchanged (its version counter)."""
-    cached = _PACKED.get(id(weight))
-    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
-        return cached[2]
+    """oneDNN's packed copy of a [out, in] weight."""
     with torch.no_grad():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
-    if cached is None:
-        weakref.finalize(weight, _PACKED.pop, id(weight), None)
-    _PACKED[id(weight)] = (weakref.ref(weight), weight._version, packed)
-    return packed
+        return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), ROWS_HINT)
 
 
 def _packed_forward(module: torch.nn.Linear):
-    packed, bias = packed_weight(module.weight), module.bias
+    packed = None  # packed on the first call, kept for the rest of the context
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(hidden_states, packed, bias, "none", [], "")
+        nonlocal packed
+        if packed is None:
+            packed = packed_weight(module.weight)
+        return torch.ops.mkldnn._linear_pointwise(hidden_states, packed, module.bias, "none", [], "")
 
     return forward
 
