@@ -11,14 +11,16 @@ its own `streamer=` argument for itself and does not forward it to a custom stra
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from dataclasses import dataclass
 
 import torch
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_available
-from hf_specdec.backends.hf import HFBackend
+from hf_specdec.backends.hf import HFBackend, check_runnable
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.loop import SpeculativeDecoder, SpeculativeStats
 from hf_specdec.rope import check_supported as check_rope_supported
@@ -29,6 +31,29 @@ class SpeculativeDecoderOnlyOutput(GenerateDecoderOnlyOutput):
     """`GenerateDecoderOnlyOutput` plus what the speculative loop did (`return_dict_in_generate=True`)."""
 
     speculative_stats: SpeculativeStats | None = None
+
+
+def _keep_tokenizer_for_custom_strategies() -> None:
+    """generate() drops `tokenizer=` when the strategy is a callable, and then cannot build the criteria for
+    `stop_strings` ("could not locate a tokenizer") although the user passed one. Keep it for callables that take a
+    `tokenizer` parameter, so that stop strings work as in plain generate; other callables see no change."""
+    original = GenerationMixin._extract_generation_mode_kwargs
+    if getattr(original, "keeps_tokenizer", False):
+        return
+
+    @functools.wraps(original)
+    def extract(self, custom_generate, kwargs, *args, **kw):
+        tokenizer = kwargs.get("tokenizer")
+        mode_kwargs = original(self, custom_generate, kwargs, *args, **kw)
+        if callable(custom_generate) and tokenizer is not None and "tokenizer" in inspect.signature(custom_generate).parameters:
+            mode_kwargs["tokenizer"] = tokenizer
+        return mode_kwargs
+
+    extract.keeps_tokenizer = True
+    GenerationMixin._extract_generation_mode_kwargs = extract
+
+
+_keep_tokenizer_for_custom_strategies()
 
 
 def _arguments_generate_kept(stack_depth: int = 2) -> dict:
@@ -55,6 +80,7 @@ def _validate(model, draft_model, config: SpeculativeConfig, generation_config, 
         )
     if model.config.is_encoder_decoder:
         raise ValueError("speculative_generate supports decoder-only models only")
+    check_runnable(model, "target")
     if generation_config.num_beams > 1:
         raise ValueError(
             f"num_beams={generation_config.num_beams} is not supported: speculative decoding reproduces greedy or "
@@ -76,6 +102,13 @@ def _validate(model, draft_model, config: SpeculativeConfig, generation_config, 
         return
     if draft_model is None:
         raise ValueError(f"speculative_config={str(config)!r} needs a draft model: pass draft_model=... to generate()")
+    if draft_model.device.type == "meta":
+        raise ValueError(
+            "the draft model's weights are on the meta device (not loaded): load them, e.g. "
+            "AutoModelForCausalLM.from_pretrained(path, device_map='cpu'), or draft_model.to_empty(device='cpu') "
+            "followed by draft_model.load_state_dict(...)"
+        )
+    check_runnable(draft_model, "draft")
     if draft_model.device != model.device:
         raise ValueError(
             f"draft and target are on different devices ({draft_model.device} vs {model.device}); "
@@ -116,6 +149,7 @@ def speculative_generate(
     draft_model=None,
     speculative_config: "str | SpeculativeConfig" = "auto",
     speculative_streamer=None,
+    tokenizer=None,
     **model_kwargs,
 ):
     """Tree speculative decoding as a `generate` strategy. Returns what `generate` returns: the token tensor, or with

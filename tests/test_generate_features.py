@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import character_tokenizer, left_padded_prompts, perturbed_copy, tiny_model
-from transformers import StopStringCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StopStringCriteria, StoppingCriteriaList
 
 from hf_specdec import speculative_generate
 
@@ -96,16 +96,21 @@ def test_scores_and_logits_per_generated_token(pair):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_stop_strings(pair):
+@pytest.mark.parametrize("where", ["generate keyword", "generation config", "stopping criterion"])
+def test_stop_strings(pair, where):
+    """As plain generate: stop_strings with tokenizer= (or in the model's generation config), or a criterion."""
     target, draft = pair
     tokenizer = character_tokenizer()
     prompt = torch.tensor([[1, 40, 41, 42]])
     free = target.generate(prompt, do_sample=False, max_new_tokens=30, pad_token_id=0)
     stop = tokenizer.decode(free[0, 4 + 8 : 4 + 10])  # two characters generated mid-way
     reference = target.generate(prompt, pad_token_id=0, do_sample=False, max_new_tokens=30, stop_strings=[stop], tokenizer=tokenizer)
-    # generate() keeps tokenizer= to itself for a custom strategy: stop strings come as a stopping criterion
-    criteria = StoppingCriteriaList([StopStringCriteria(tokenizer, [stop])])
-    out = target.generate(prompt, do_sample=False, max_new_tokens=30, stopping_criteria=criteria, **speculative(draft, "rsd-s:w=3,d=4"))
+    options = {
+        "generate keyword": dict(stop_strings=[stop], tokenizer=tokenizer),
+        "generation config": dict(generation_config=GenerationConfig(stop_strings=[stop], do_sample=False), tokenizer=tokenizer),
+        "stopping criterion": dict(stopping_criteria=StoppingCriteriaList([StopStringCriteria(tokenizer, [stop])])),
+    }[where]
+    out = target.generate(prompt, do_sample=False, max_new_tokens=30, **options, **speculative(draft, "rsd-s:w=3,d=4"))
     assert torch.equal(out, reference) and out.shape[1] < free.shape[1]
 
 
