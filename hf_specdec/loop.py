@@ -19,6 +19,7 @@ from hf_specdec.backends.base import ModelBackend
 from hf_specdec.cache_layout import CacheLayout
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.drafting import make_drafter
+from hf_specdec.limits import check_step_fits
 from hf_specdec.processors import NodeScorer
 from hf_specdec.trees import DraftTree, compact_rows
 from hf_specdec.verification import rule_for_method, verify_tree
@@ -65,6 +66,23 @@ class DecodeResult:
     stats: SpeculativeStats
     scores: tuple[torch.Tensor, ...] | None = None
     logits: tuple[torch.Tensor, ...] | None = None
+
+
+def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Prompts the loop can continue: at least one token, every row with a real last token."""
+    if input_ids.shape[1] == 0:
+        raise ValueError(
+            f"the prompt is empty (input_ids of shape {list(input_ids.shape)}): give every row at least one token, "
+            "e.g. the tokenizer's bos_token_id"
+        )
+    empty_rows = (~attention_mask.any(1)).nonzero().flatten().tolist()
+    if empty_rows:
+        raise ValueError(
+            f"row(s) {empty_rows} of the batch are all padding (attention_mask is 0 everywhere): remove them, or give "
+            "each at least one token (e.g. the tokenizer's bos_token_id)"
+        )
+    if not attention_mask[:, -1].all():
+        raise ValueError("the last prompt token of every row must be a real token: pad on the left (padding_side='left')")
 
 
 class _Timer:
@@ -119,11 +137,11 @@ class SpeculativeDecoder:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        if not attention_mask[:, -1].all():
-            raise ValueError("the last prompt token of every row must be a real token: pad on the left (padding_side='left')")
+        check_prompt(input_ids, attention_mask)
+        width = max(self.max_length, prompt_length) + self.config.depth + 2
+        check_step_fits(self.config, batch, self.target.vocab_size, width, self.do_sample, device)
 
         # committed tokens of every row (left padding included, as in generate); room for one step past max_length
-        width = max(self.max_length, prompt_length) + self.config.depth + 2
         self.sequences = torch.full((batch, width), self.pad_token_id or 0, dtype=torch.long, device=device)
         self.sequences[:, :prompt_length] = input_ids
         self.lengths = torch.full((batch,), prompt_length, dtype=torch.long, device=device)

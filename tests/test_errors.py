@@ -25,11 +25,11 @@ def models():
     return tiny_model("llama"), tiny_model("llama", seed=1)
 
 
-def run(target, draft, **kwargs):
+def run(target, draft, input_ids=None, **kwargs):
     arguments = dict(custom_generate=speculative_generate, draft_model=draft, speculative_config="sd:l=2",
                      max_new_tokens=4, pad_token_id=0)
     arguments.update(kwargs)
-    return target.generate(torch.tensor([[1, 5, 6]]), **arguments)
+    return target.generate(torch.tensor([[1, 5, 6]]) if input_ids is None else input_ids, **arguments)
 
 
 def test_vocabulary_mismatch(models):
@@ -72,9 +72,60 @@ def test_attention_that_ignores_tree_masks(models):
 
 def test_draft_on_another_device(models):
     target, _ = models
-    draft = tiny_model("llama", seed=1).to("meta")
+    draft = tiny_model("llama", seed=1)
+    draft.__class__ = type("Elsewhere", (type(draft),), {"device": property(lambda self: torch.device("cuda", 0))})
     with pytest.raises(ValueError, match="draft_model.to\\('cpu'\\)"):
         run(target, draft)
+
+
+def test_draft_without_weights(models):
+    target, _ = models
+    with pytest.raises(ValueError, match="meta device.*device_map='cpu'"):
+        run(target, tiny_model("llama", seed=1).to("meta"))
+
+
+def test_empty_prompt(models):
+    target, draft = models
+    with pytest.raises(ValueError, match="prompt is empty.*bos_token_id"):
+        target.generate(torch.zeros(1, 0, dtype=torch.long), custom_generate=speculative_generate, draft_model=draft,
+                        speculative_config="sd:l=2", max_new_tokens=4, pad_token_id=0)
+
+
+def test_row_of_padding_only(models):
+    target, draft = models
+    with pytest.raises(ValueError, match="row\\(s\\) \\[0\\] of the batch are all padding.*remove them"):
+        target.generate(torch.tensor([[0, 0, 0], [1, 5, 6]]), attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]),
+                        custom_generate=speculative_generate, draft_model=draft, speculative_config="sd:l=2",
+                        max_new_tokens=4, pad_token_id=0)
+
+
+def test_tree_too_large_for_memory(models, monkeypatch):
+    """A tree whose step cannot fit is refused with the size that would (memory fixed at 1 GiB for the test)."""
+    import hf_specdec.limits
+
+    target, draft = models
+    monkeypatch.setattr(hf_specdec.limits, "available_bytes", lambda device: 2**30)
+    prompts = torch.tensor([[1, 5, 6]] * 8)
+    with pytest.raises(ValueError, match="drafts 10000 nodes per row; at batch 8.*at most ~\\d+ nodes"):
+        run(target, draft, speculative_config="spectr:k=100,l=100", input_ids=prompts)
+    assert run(target, draft, speculative_config="rsd-s:w=3,d=4", input_ids=prompts).shape == (8, 7)
+
+
+@pytest.mark.parametrize("family", ["bloom", "falcon-alibi", "mpt"])
+def test_alibi_models_are_refused_by_name(models, family):
+    from transformers import BloomConfig, BloomForCausalLM, FalconConfig, FalconForCausalLM, MptConfig, MptForCausalLM
+
+    _, draft = models
+    model = {
+        "bloom": lambda: BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)),
+        "falcon-alibi": lambda: FalconForCausalLM(FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                               num_attention_heads=4, alibi=True)),
+        "mpt": lambda: MptForCausalLM(MptConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4)),
+    }[family]().eval()
+    with pytest.raises(ValueError, match=f"{type(model).__name__}\\) uses ALiBi.*use plain generate"):
+        run(model, draft)
+    with pytest.raises(ValueError, match=f"draft model \\({type(model).__name__}\\) uses ALiBi"):
+        run(draft, model)
 
 
 def test_missing_draft(models):

@@ -24,6 +24,27 @@ def check_tree_attention(model, role: str) -> None:
         )
 
 
+def uses_alibi(config) -> bool:
+    """BLOOM, MPT and Falcon with alibi=True add ALiBi biases that transformers builds from a 2D padding mask."""
+    attn_config = getattr(config, "attn_config", None)
+    return (
+        config.model_type == "bloom"
+        or bool(getattr(config, "alibi", False))
+        or bool(getattr(attn_config, "alibi", False) if not isinstance(attn_config, dict) else attn_config.get("alibi"))
+    )
+
+
+def check_position_encoding(model, role: str) -> None:
+    config = model.config.get_text_config()
+    if uses_alibi(config):
+        raise ValueError(
+            f"the {role} model ({type(model).__name__}) uses ALiBi position biases, which transformers computes from "
+            "a 2D padding mask and cannot follow the holes and branches of a draft tree, so speculative decoding would "
+            "not reproduce its output; use plain generate() (or HF assisted generation) with this model, or a model "
+            "with rotary or learned position embeddings"
+        )
+
+
 def sliding_windows(config) -> dict[str, int]:
     """Window size per attention layer type that uses one ({} for full attention only)."""
     window = getattr(config, "sliding_window", None)
@@ -37,9 +58,16 @@ def sliding_windows(config) -> dict[str, int]:
     return {"sliding_attention": window} if "sliding_attention" in layer_types and window else {}
 
 
+def check_runnable(model, role: str) -> None:
+    """What the loop needs of a model, checked before its first forward: an error that names the fix, never a
+    silently different output."""
+    check_tree_attention(model, role)
+    check_position_encoding(model, role)
+
+
 class HFBackend:
     def __init__(self, model, role: str = "target"):
-        check_tree_attention(model, role)
+        check_runnable(model, role)
         self.model = model
         self.device = model.device
         self.vocab_size = model.config.get_text_config().vocab_size
