@@ -18,7 +18,7 @@ from hf_specdec.export.ort_backend import ExportedPair, OrtBackend, load_exporte
 from hf_specdec.export.tensorrt_build import check_io, declared_io, engine_io, verify_specs
 from hf_specdec.trt_plugins.tensorrt_library import import_tensorrt
 from hf_specdec.trt_plugins.verify_op import INPUTS as VERIFY_INPUTS
-from hf_specdec.verification import VerifyResult
+from hf_specdec.verification import VerifyInputs, VerifyResult
 
 
 def check_gpu(manifest: Manifest, model_dir: Path) -> None:
@@ -86,14 +86,15 @@ class TensorRTVerifier:
         self.model_dir, self.engines = model_dir, manifest.tensorrt["engines"]
         self.runners: dict[str, EngineRunner] = {}
 
-    def __call__(self, rule, paths, node_tokens, target_probs, draft_probs, accept_uniforms, sample_uniforms) -> VerifyResult:
+    def __call__(self, verify: VerifyInputs) -> VerifyResult:
+        rule, paths, target_probs, draft_probs = verify.rule, verify.paths, verify.target_probs, verify.draft_probs
         if rule not in self.runners:
             inputs, outputs = verify_specs()
             path = self.model_dir / self.engines[f"verify_{rule}"]["file"]
             self.runners[rule] = EngineRunner(path, declared_io(inputs, outputs), f"verify {rule}")
         if draft_probs is None:
             draft_probs = target_probs[..., :1]
-        arrays = (paths, node_tokens, target_probs, draft_probs, accept_uniforms, sample_uniforms)
+        arrays = (paths, verify.node_tokens, target_probs, draft_probs, verify.accept_uniforms, verify.sample_uniforms)
         dtypes = {"int32": torch.int32, "float32": torch.float32}
         inputs = {spec.name: array.to("cuda", dtypes[spec.dtype.__name__]).contiguous() for spec, array in zip(VERIFY_INPUTS, arrays)}
         batch, depth = paths.shape[0], paths.shape[2]

@@ -18,7 +18,8 @@ from transformers.generation import stopping_criteria as sc
 from hf_specdec.backends.base import ModelBackend
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.loop import DecodeResult, SpeculativeDecoder
-from hf_specdec.verification import verify_tree
+from hf_specdec.verification import Verifier
+from hf_specdec.verify_batched import verify_tree_batched
 
 # GenerationConfig fields that need something `decode` does not have (a model call, encoder inputs, beams, a tokenizer)
 UNSUPPORTED_OPTIONS = {
@@ -109,6 +110,50 @@ def stopping_criteria(generation_config: GenerationConfig, prompt_length: int) -
     return criteria
 
 
+def pad_token_id(generation_config: GenerationConfig) -> int | None:
+    """The id finished rows are padded with: pad_token_id, else the first eos id (generate's own default)."""
+    if generation_config.pad_token_id is not None:
+        return int(generation_config.pad_token_id)
+    eos = eos_tensor(generation_config)
+    return None if eos is None else int(eos[0])
+
+
+def default_verifier(device: torch.device) -> Verifier:
+    """The Triton kernel on CUDA, the batched tensor path elsewhere (both equal to the reference)."""
+    if device.type == "cuda":
+        try:
+            from hf_specdec.trt_plugins.triton_kernel import verify_tree_triton
+        except ImportError:  # no triton: the batched path runs on CUDA too
+            return verify_tree_batched
+        return verify_tree_triton
+    return verify_tree_batched
+
+
+def make_decoder(target: ModelBackend, draft: ModelBackend | None, config: SpeculativeConfig,
+                 generation_config: GenerationConfig, logits_processor, stopping_criteria, max_length: int,
+                 verifier: Verifier | None = None, streamer=None, profile: bool = True) -> SpeculativeDecoder:
+    """The one way from a GenerationConfig (and the processors and criteria generate() or `decode` built from it)
+    to the speculative loop."""
+    if draft is not None and draft.vocab_size != target.vocab_size:
+        raise ValueError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
+    returns_dict = generation_config.return_dict_in_generate
+    return SpeculativeDecoder(
+        target=target,
+        draft=draft if config.is_speculative else None,
+        config=config,
+        logits_processor=logits_processor,
+        stopping_criteria=stopping_criteria,
+        do_sample=generation_config.do_sample,
+        max_length=max_length,
+        pad_token_id=pad_token_id(generation_config),
+        verifier=verifier or default_verifier(target.device),
+        streamer=streamer,
+        output_scores=bool(generation_config.output_scores and returns_dict),
+        output_logits=bool(generation_config.output_logits and returns_dict),
+        profile=profile,
+    )
+
+
 def decode(
     target: ModelBackend,
     draft: ModelBackend | None,
@@ -117,32 +162,24 @@ def decode(
     speculative_config: "str | SpeculativeConfig",
     attention_mask: torch.Tensor | None = None,
     streamer=None,
-    verifier=verify_tree,
+    verifier: Verifier | None = None,
 ) -> DecodeResult:
     """Generate with `target` (and `draft`, unless the config is `ar`) as `generate` would with this config.
     `input_ids` [B, P] left-padded where `attention_mask` is 0. Seed with `torch.manual_seed` for reproducible sampling.
-    `verifier`: `verify_tree` or an implementation with its signature (e.g. a TensorRT verify engine)."""
+    `verifier`: an implementation of the verifier interface (e.g. a TensorRT verify engine); default: the device's."""
     generation_config = with_defaults(generation_config)
     _check_supported(generation_config)
     config = SpeculativeConfig.parse(speculative_config)
     if config.method == "auto":
         raise ValueError("speculative_config='auto' needs the planner and PyTorch models; pass an explicit config such as 'rsd-s:w=3,d=4'")
-    if draft is not None and draft.vocab_size != target.vocab_size:
-        raise ValueError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
     input_ids = input_ids.to(target.device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(target.device)
-    eos = eos_tensor(generation_config)
-    pad = generation_config.pad_token_id
-    decoder = SpeculativeDecoder(
-        target=target,
-        draft=draft if config.is_speculative else None,
-        config=config,
-        logits_processor=logits_processors(generation_config, input_ids, attention_mask),
-        stopping_criteria=stopping_criteria(generation_config, input_ids.shape[1]),
-        do_sample=generation_config.do_sample,
-        max_length=max_length(generation_config, input_ids.shape[1]),
-        pad_token_id=int(eos[0]) if pad is None and eos is not None else pad,
-        streamer=streamer,
-        verifier=verifier,
+    prompt_length = input_ids.shape[1]
+    decoder = make_decoder(
+        target, draft, config, generation_config,
+        logits_processors(generation_config, input_ids, attention_mask),
+        stopping_criteria(generation_config, prompt_length),
+        max_length(generation_config, prompt_length),
+        verifier=verifier, streamer=streamer,
     )
     return decoder.generate(input_ids, attention_mask)

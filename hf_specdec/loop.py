@@ -6,6 +6,12 @@ One step, per batch of active rows:
   3. verify: the verifier walks the tree and returns the accepted path and one more token;
   4. commit: tokens are appended (stopping criteria checked after every token), both caches keep the accepted path.
 The root of a step is the last committed token: the target has not seen it yet, and it is the draft's pending input.
+
+The step stays on the models' device. Tree shapes are static per step (every level has its configured width), so
+the host needs no tensor to lay out the next forward: it mirrors each row's committed length, and one host sync per
+step (`StepSummary`: accepted and committed counts, finished rows) tells it all it needs. User stopping criteria
+that must see every token (stop strings, custom `StoppingCriteria`), prefix-dependent logits processors, streamers
+and per-token scores read more, only when they are used.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from transformers.generation import stopping_criteria as sc
 
 from hf_specdec.backends.base import ModelBackend
 from hf_specdec.cache_layout import CacheLayout
@@ -22,7 +29,7 @@ from hf_specdec.drafting import make_drafter
 from hf_specdec.limits import check_step_fits
 from hf_specdec.processors import NodeScorer
 from hf_specdec.trees import DraftTree, compact_rows
-from hf_specdec.verification import rule_for_method, verify_tree
+from hf_specdec.verification import Verifier, VerifyInputs, rule_for_method
 
 
 @dataclass
@@ -86,15 +93,100 @@ def check_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
 
 
 class _Timer:
-    """Wall-clock phases; synchronises CUDA so that asynchronous kernels are charged to the right phase."""
+    """Wall-clock phases. On CUDA a phase boundary synchronises (so that asynchronous kernels are charged to the
+    right phase), which costs a host sync per phase: only when `profile` (statistics requested)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, profile: bool):
+        self.sync = device.type == "cuda" and profile
+        self.enabled = device.type != "cuda" or profile
 
     def now(self) -> float:
-        if self.cuda:
+        if self.sync:
             torch.cuda.synchronize()
         return time.perf_counter()
+
+
+@dataclass
+class StopRule:
+    """The stopping criteria generate() builds (max length, eos ids) as tensors, checked for all rows and tokens at
+    once; `per_token` holds any other criterion (stop strings, a user's), which must see every token in turn."""
+
+    max_length: int
+    eos_ids: torch.Tensor | None
+    per_token: sc.StoppingCriteriaList | None
+
+    @classmethod
+    def from_criteria(cls, criteria, max_length: int, device: torch.device) -> "StopRule":
+        criteria = list(criteria or [])
+        eos = [c.eos_token_id for c in criteria if isinstance(c, sc.EosTokenCriteria)]
+        lengths = [c.max_length for c in criteria if isinstance(c, sc.MaxLengthCriteria)]
+        others = [c for c in criteria if not isinstance(c, (sc.EosTokenCriteria, sc.MaxLengthCriteria))]
+        return cls(
+            max_length=min([max_length, *lengths]),
+            eos_ids=torch.cat([e.flatten().to(device) for e in eos]) if eos else None,
+            per_token=sc.StoppingCriteriaList(others) if others else None,
+        )
+
+
+@dataclass
+class DecodeState:
+    """What the loop carries between steps, indexed by active row a (`rows[a]`: its row in the caller's batch).
+    Host mirrors (`host_*`) are kept from each step's summary, so that laying out a step reads no tensor."""
+
+    rows: torch.Tensor  # [A]
+    root_positions: torch.Tensor  # [A] position id of the last committed token (the next step's root)
+    target_layout: CacheLayout
+    draft_layout: CacheLayout | None
+    # the draft's inputs not yet in its cache: [A, 2] a leaf of the last step it never ran, then the root
+    draft_pending: torch.Tensor | None
+    draft_pending_valid: torch.Tensor | None
+    host_rows: list[int]
+    host_lengths: list[int]  # committed tokens (left padding included) per active row
+    host_leaf_pending: list[bool]  # draft_pending_valid[:, 0]
+
+    def select(self, keep: list[int]) -> torch.Tensor:
+        """Keep these active rows; returns their index tensor (the backends select the same)."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.rows.device)
+        self.rows, self.root_positions = self.rows[index], self.root_positions[index]
+        self.target_layout.select_rows(index)
+        if self.draft_layout is not None:
+            self.draft_layout.select_rows(index)
+            self.draft_pending, self.draft_pending_valid = self.draft_pending[index], self.draft_pending_valid[index]
+        self.host_rows = [self.host_rows[a] for a in keep]
+        self.host_lengths = [self.host_lengths[a] for a in keep]
+        self.host_leaf_pending = [self.host_leaf_pending[a] for a in keep]
+        return index
+
+
+@dataclass
+class DraftStep:
+    """What drafting leaves for keeping the draft cache after verification."""
+
+    paths: torch.Tensor  # [A, P, depth] the verifier's root-to-leaf paths
+    block_start: int  # first draft cache slot of this step
+    pending_slots: torch.Tensor  # [A, 2] slots of the pending inputs
+    node_slots: torch.Tensor  # [A, N+1] slot of every node the draft ran, -1 for the others
+    levels_run: int  # tree levels whose nodes the draft ran (all but the last)
+
+
+@dataclass
+class StepSummary:
+    """The one host read of a step."""
+
+    num_accepted: list[int]
+    committed: list[int]
+    finished: list[bool]
+
+
+@dataclass
+class Output:
+    """What the caller gets, indexed by its own rows."""
+
+    sequences: torch.Tensor  # [B, W] committed tokens, left padding included
+    lengths: torch.Tensor  # [B]
+    stats: SpeculativeStats
+    scores: list[list[torch.Tensor]] | None
+    logits: list[list[torch.Tensor]] | None
 
 
 class SpeculativeDecoder:
@@ -108,12 +200,14 @@ class SpeculativeDecoder:
         do_sample: bool,
         max_length: int,
         pad_token_id: int | None,
+        verifier: Verifier,
         streamer=None,
         output_scores: bool = False,
         output_logits: bool = False,
-        verifier=verify_tree,
+        profile: bool = True,
     ):
-        """`verifier`: `verify_tree` or an implementation with its signature (a kernel, an engine)."""
+        """`verifier`: any implementation of the verifier interface (`hf_specdec.verification.Verifier`).
+        `profile`: time the phases (on CUDA that synchronises at each phase boundary)."""
         if config.is_speculative and draft is None:
             raise ValueError(f"speculative_config={str(config)!r} needs a draft model: pass draft_model=...")
         self.target, self.draft, self.config = target, draft, config
@@ -123,6 +217,7 @@ class SpeculativeDecoder:
         self.streamer = streamer
         self.output_scores, self.output_logits = output_scores, output_logits
         self.verifier = verifier
+        self.profile = profile
         self.rule = rule_for_method(config.method, do_sample)
         self.drafter = make_drafter(config, greedy=not do_sample) if config.is_speculative else None
 
@@ -130,69 +225,78 @@ class SpeculativeDecoder:
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> DecodeResult:
         device = input_ids.device
-        timer = _Timer(device)
+        timer = _Timer(device, self.profile)
         start_time = timer.now()
         batch, prompt_length = input_ids.shape
-        self.stats = SpeculativeStats(config=str(self.config), batch_size=batch, accepted_lengths=[[] for _ in range(batch)])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         check_prompt(input_ids, attention_mask)
-        width = max(self.max_length, prompt_length) + self.config.depth + 2
+        width = max(self.max_length, prompt_length) + self.config.depth + 2  # room for one step past max_length
         check_step_fits(self.config, batch, self.target.vocab_size, width, self.do_sample, device)
+        stop = StopRule.from_criteria(self.stopping_criteria, self.max_length, device)
 
-        # committed tokens of every row (left padding included, as in generate); room for one step past max_length
-        self.sequences = torch.full((batch, width), self.pad_token_id or 0, dtype=torch.long, device=device)
-        self.sequences[:, :prompt_length] = input_ids
-        self.lengths = torch.full((batch,), prompt_length, dtype=torch.long, device=device)
-        self.rows = torch.arange(batch, device=device)  # original index of each active row
-        self.kept_scores = [[] for _ in range(batch)] if self.output_scores else None
-        self.kept_logits = [[] for _ in range(batch)] if self.output_logits else None
+        out = Output(
+            sequences=torch.full((batch, width), self.pad_token_id or 0, dtype=torch.long, device=device),
+            lengths=torch.full((batch,), prompt_length, dtype=torch.long, device=device),
+            stats=SpeculativeStats(config=str(self.config), batch_size=batch, accepted_lengths=[[] for _ in range(batch)]),
+            scores=[[] for _ in range(batch)] if self.output_scores else None,
+            logits=[[] for _ in range(batch)] if self.output_logits else None,
+        )
+        out.sequences[:, :prompt_length] = input_ids
         if self.streamer is not None:
             self.streamer.put(input_ids.cpu())
 
         # position ids as generate computes them: count of real tokens before, pads at 1
         positions = torch.where(attention_mask, attention_mask.long().cumsum(1) - 1, 1)
-        self.root_positions = positions[:, -1].clone()
-        self._prefill(input_ids[:, :-1], positions[:, :-1], attention_mask[:, :-1])
-        self.stats.time_prefill = timer.now() - start_time
+        state = self._prefill(input_ids, positions, attention_mask)
+        out.stats.time_prefill = timer.now() - start_time
 
-        while len(self.rows):
-            self._step(timer)
+        while state.host_rows:
+            self._step(state, out, stop, timer)
 
         if self.streamer is not None:
             self.streamer.end()
-        generated = int(self.lengths.max()) - prompt_length
+        longest = int(out.lengths.max())
         for backend in (self.target, self.draft) if self.drafter is not None else (self.target,):
-            backend.finish(generated)
-        self.stats.time_total = timer.now() - start_time
-        return self._result()
+            backend.finish(longest - prompt_length)
+        out.stats.time_total = timer.now() - start_time
+        return self._result(out, longest)
 
     # ------------------------------------------------------------------ steps
-    def _prefill(self, input_ids, positions, valid):
-        batch = input_ids.shape[0]
-        self.target_layout = CacheLayout(batch, input_ids.device)
-        prompt_lengths = self.root_positions + 1  # real tokens per row
-        self.target.reset(batch, prompt_lengths)
-        models = [(self.target, self.target_layout)]
+    def _prefill(self, input_ids, positions, attention_mask) -> DecodeState:
+        """Both caches take the prompt but its last token (the first step's root)."""
+        batch, device = input_ids.shape[0], input_ids.device
+        root_positions = positions[:, -1].clone()
+        prompt_lengths = root_positions + 1  # real tokens per row
+        state = DecodeState(
+            rows=torch.arange(batch, device=device),
+            root_positions=root_positions,
+            target_layout=CacheLayout(batch, device),
+            draft_layout=CacheLayout(batch, device) if self.drafter is not None else None,
+            draft_pending=input_ids.new_zeros(batch, 2) if self.drafter is not None else None,
+            draft_pending_valid=torch.zeros(batch, 2, dtype=torch.bool, device=device) if self.drafter is not None else None,
+            host_rows=list(range(batch)),
+            host_lengths=[input_ids.shape[1]] * batch,
+            host_leaf_pending=[False] * batch,
+        )
+        models = [(self.target, state.target_layout)]
         if self.drafter is not None:
-            self.draft_layout = CacheLayout(batch, input_ids.device)
-            self.draft.reset(batch, prompt_lengths)
-            models.append((self.draft, self.draft_layout))
-            # the draft's inputs not yet in its cache: the root (and, after a step, a leaf it never processed)
-            self.draft_pending = input_ids.new_zeros(batch, 2)
-            self.draft_pending_valid = torch.zeros(batch, 2, dtype=torch.bool, device=input_ids.device)
-        if input_ids.shape[1] == 0:
-            return
+            models.append((self.draft, state.draft_layout))
         for backend, layout in models:
-            slots = layout.append(valid, positions)
-            backend.prefill(input_ids, positions, layout.mask(slots), layout.positions)
+            backend.reset(batch, prompt_lengths)
+            if input_ids.shape[1] > 1:
+                slots = layout.append(attention_mask[:, :-1], positions[:, :-1])
+                backend.prefill(input_ids[:, :-1], positions[:, :-1], layout.mask(slots), layout.positions)
+        return state
 
-    def _step(self, timer: _Timer) -> None:
-        rows = self.rows
-        root_tokens = self.sequences[rows, self.lengths[rows] - 1]
-        remaining = int((self.max_length - self.lengths[rows]).max())
-        depth = min(self.config.depth, max(remaining - 1, 0))
+    def _step(self, state: DecodeState, out: Output, stop: StopRule, timer: _Timer) -> None:
+        rows = state.rows
+        lengths = state.host_lengths
+        root_tokens = out.sequences[rows, out.lengths[rows] - 1]
+        # no deeper than the row with the most room left needs
+        depth = min(self.config.depth, max(self.max_length - min(lengths) - 1, 0))
+        device = root_tokens.device
 
         tick = timer.now()
         tree = DraftTree(
@@ -201,180 +305,224 @@ class SpeculativeDecoder:
             max_depth=self.config.depth,
             vocab_size=self.target.vocab_size if (self.do_sample and depth > 0) else None,
         )
-        paths = torch.zeros(len(rows), 0, 0, dtype=torch.long, device=root_tokens.device)
-        if depth > 0:
-            paths = self._draft(tree, root_tokens, depth)
+        draft = self._draft(state, out, tree, root_tokens, depth) if depth > 0 else None
         tock = timer.now()
-        self.stats.time_draft += tock - tick
 
         size = tree.size
-        node_ids = torch.arange(size, device=root_tokens.device).expand(len(rows), size)
+        node_ids = torch.arange(size, device=device).expand(len(rows), size)
         tokens = tree.tokens[:, :size]
-        positions = self.root_positions[:, None] + tree.depths[:, :size]
-        start = self.target_layout.length
-        slots = self.target_layout.append(tree.valid[:, :size], positions, torch.where(node_ids == 0, -1, node_ids))
-        mask = self.target_layout.mask(slots, tree.ancestors)
-        logits = self.target.forward(tokens, positions, mask, self.target_layout.positions)
-        tick = timer.now()
-        self.stats.time_target += tick - tock
+        positions = state.root_positions[:, None] + tree.depths[:, :size]
+        target_start = state.target_layout.length
+        slots = state.target_layout.append(tree.valid[:, :size], positions, torch.where(node_ids == 0, -1, node_ids))
+        mask = state.target_layout.mask(slots, tree.ancestors)
+        logits = self.target.forward(tokens, positions, mask, state.target_layout.positions)
+        tick2 = timer.now()
 
-        scores = self.scorer(
-            logits, self.sequences[rows], self.lengths[rows], tree.path_tokens[:, :size], tree.depths[:, :size], rows
-        )
+        scores = self.scorer(logits, out.sequences[rows], tree.path_tokens[:, :size], rows, lengths, tree.node_depths())
         target_probs = scores.softmax(-1) if self.do_sample else scores
-        result = self.verifier(
-            self.rule,
-            paths,
-            tokens,
-            target_probs,
-            None if tree.draft_probs is None else tree.draft_probs[:, :size],
-            torch.rand(paths.shape, device=paths.device),
-            torch.rand(len(rows), device=paths.device),
-        )
-        self.stats.time_verify += timer.now() - tick
+        paths = draft.paths if draft is not None else torch.zeros(len(rows), 0, 0, dtype=torch.long, device=device)
+        result = self.verifier(VerifyInputs(
+            rule=self.rule,
+            paths=paths,
+            node_tokens=tokens,
+            target_probs=target_probs,
+            draft_probs=None if tree.draft_probs is None else tree.draft_probs[:, :size],
+            accept_uniforms=torch.rand(paths.shape, device=device),
+            sample_uniforms=torch.rand(len(rows), device=device),
+        ))
+        tock2 = timer.now()
+        if timer.enabled:
+            out.stats.time_draft += tock - tick
+            out.stats.time_target += tick2 - tock
+            out.stats.time_verify += tock2 - tick2
 
-        accepted = result.accepted_nodes.to(root_tokens.device)
-        num_accepted = result.num_accepted.to(root_tokens.device)
-        next_tokens = result.next_tokens.to(root_tokens.device)
-        self.stats.target_calls += 1
-        self.stats.row_steps += len(rows)
-        finished = self._commit(tree, accepted, num_accepted, next_tokens, scores, logits)
-        self._keep_accepted(start, accepted, num_accepted, tree, next_tokens)
-        if finished.any():
-            self._drop_rows(~finished)
+        new_tokens = self._new_tokens(result.accepted_tokens, result.num_accepted, result.next_tokens)
+        if stop.per_token is None:
+            summary = self._commit(state, out, stop, new_tokens, result.num_accepted)
+        else:
+            summary = self._commit_per_token(state, out, stop, new_tokens, result.num_accepted)
+        self._record(state, out, summary, result.accepted_nodes, new_tokens, scores, logits)
+        self._keep_accepted(state, target_start, result.accepted_nodes, result.num_accepted, result.next_tokens,
+                            tree, draft, summary)
+        if any(summary.finished):
+            self._drop_rows(state, [a for a, done in enumerate(summary.finished) if not done])
 
-    def _draft(self, tree: DraftTree, root_tokens: torch.Tensor, depth: int) -> torch.Tensor:
-        """Grow the draft tree to `depth` levels; return its verification paths."""
-        rows = self.rows
-        batch = len(rows)
-        layout = self.draft_layout
-        self.drafter.start(tree)
+    def _draft(self, state: DecodeState, out: Output, tree: DraftTree, root_tokens: torch.Tensor, depth: int) -> DraftStep:
+        """Grow the draft tree to `depth` levels."""
+        batch = len(state.rows)
+        layout = state.draft_layout
+        draft_state = self.drafter.start(tree)
         # level 0: the pending inputs, the root last; its logits give q at the root
-        self.draft_pending[:, 1] = root_tokens
-        self.draft_pending_valid[:, 1] = True
-        pending_positions = (self.root_positions[:, None] + torch.tensor([-1, 0], device=root_tokens.device)).clamp(min=0)
-        self.draft_block_start = layout.length
-        self.draft_pending_slots = layout.append(self.draft_pending_valid, pending_positions)
-        mask = layout.mask(self.draft_pending_slots)
-        logits = self.draft.forward(self.draft_pending, pending_positions, mask, layout.positions)[:, -1:]
-        self.stats.draft_calls += 1
+        state.draft_pending[:, 1] = root_tokens
+        state.draft_pending_valid[:, 1] = True
+        pending_positions = (state.root_positions[:, None] + torch.tensor([-1, 0], device=root_tokens.device)).clamp(min=0)
+        block_start = layout.length
+        pending_slots = layout.append(state.draft_pending_valid, pending_positions)
+        mask = layout.mask(pending_slots)
+        logits = self.draft.forward(state.draft_pending, pending_positions, mask, layout.positions)[:, -1:]
+        out.stats.draft_calls += 1
         # cache slot of every node the draft has run (the root's slot is among the pending ones)
-        self.draft_node_slots = torch.full((batch, tree.tokens.shape[1]), -1, dtype=torch.long, device=root_tokens.device)
+        node_slots = torch.full((batch, tree.tokens.shape[1]), -1, dtype=torch.long, device=root_tokens.device)
         frontier = torch.zeros(batch, 1, dtype=torch.long, device=root_tokens.device)
         frontier_valid = torch.ones(batch, 1, dtype=torch.bool, device=root_tokens.device)
+        levels_run = 0
         for level in range(1, depth + 1):
-            logq = self._draft_log_probs(logits, tree, frontier)
-            new_nodes = self.drafter.expand(tree, frontier, frontier_valid, logq)
-            if level == depth or new_nodes.shape[1] == 0:
+            logq = self._draft_log_probs(state, out, logits, tree, frontier)
+            new_nodes = self.drafter.expand(tree, draft_state, frontier, frontier_valid, logq)
+            if level == depth:
                 break
             new_valid = tree.valid.gather(1, new_nodes)
-            positions = self.root_positions[:, None] + level
-            positions = positions.expand_as(new_nodes)
+            positions = (state.root_positions[:, None] + level).expand_as(new_nodes)
             slots = layout.append(new_valid, positions, new_nodes)
             mask = layout.mask(slots, tree.ancestors)
             logits = self.draft.forward(tree.tokens.gather(1, new_nodes), positions, mask, layout.positions)
-            self.stats.draft_calls += 1
-            self.draft_node_slots.scatter_(1, new_nodes, slots)
+            out.stats.draft_calls += 1
+            node_slots.scatter_(1, new_nodes, slots)
             frontier, frontier_valid = new_nodes, new_valid
-        return self.drafter.paths(tree)
+            levels_run = level
+        return DraftStep(self.drafter.paths(tree, draft_state), block_start, pending_slots, node_slots, levels_run)
 
-    def _draft_log_probs(self, logits: torch.Tensor, tree: DraftTree, nodes: torch.Tensor) -> torch.Tensor:
-        """log q at `nodes` [B, n]: the draft's logits through the same processors as the target; sampling
-        drafters record q in the tree for the verifier."""
-        rows = self.rows
+    def _draft_log_probs(self, state, out, logits: torch.Tensor, tree: DraftTree, nodes: torch.Tensor) -> torch.Tensor:
+        """log q at `nodes` [B, n] (one level): the draft's logits through the same processors as the target;
+        sampling drafters record q in the tree for the verifier."""
         path_tokens = tree.path_tokens.gather(1, nodes[..., None].expand(-1, -1, tree.path_tokens.shape[-1]))
-        scores = self.scorer(logits, self.sequences[rows], self.lengths[rows], path_tokens, tree.depths.gather(1, nodes), rows)
+        depths = [tree.depth] * nodes.shape[1]
+        scores = self.scorer(logits, out.sequences[state.rows], path_tokens, state.rows, state.host_lengths, depths)
         vocab = self.target.vocab_size
         if scores.shape[-1] != vocab:
             raise ValueError(f"draft logits have {scores.shape[-1]} entries, the target's vocabulary {vocab}")
         logq = scores.log_softmax(-1)
         if tree.draft_probs is not None:
-            row_index = torch.arange(len(rows), device=nodes.device)[:, None]
+            row_index = torch.arange(len(state.rows), device=nodes.device)[:, None]
             tree.draft_probs[row_index, nodes] = logq.exp()
         return logq
 
-    def _commit(self, tree, accepted, num_accepted, next_tokens, scores, logits) -> torch.Tensor:
-        """Append accepted tokens and the next token row by row, checking the stopping criteria after each token.
-        Returns which active rows finished."""
-        finished = torch.zeros(len(self.rows), dtype=torch.bool)
-        for b, row in enumerate(self.rows.tolist()):
-            count = int(num_accepted[b])
-            self.stats.accepted_lengths[row].append(count)
-            new_tokens = torch.cat([tree.tokens[b, accepted[b, :count]], next_tokens[b : b + 1]])
-            # the node whose distribution produced each token: the root, then the accepted path
-            source_nodes = torch.cat([accepted.new_zeros(1), accepted[b, :count]])
-            length = int(self.lengths[row])
-            committed = 0
-            for token in new_tokens:
-                self.sequences[row, length] = token
-                length += 1
-                committed += 1
-                if self.stopping_criteria(self.sequences[row : row + 1, :length], None).any():
-                    finished[b] = True
-                    break
-            self.lengths[row] = length
-            self.stats.generated_tokens += committed
-            if self.kept_scores is not None:
-                self.kept_scores[row].extend(scores[b, source_nodes[:committed]].unbind(0))
-            if self.kept_logits is not None:
-                self.kept_logits[row].extend(logits[b, source_nodes[:committed]].unbind(0))
-            if self.streamer is not None:
-                self.streamer.put(new_tokens[:committed].cpu())
-        return finished.to(self.rows.device)
+    @staticmethod
+    def _new_tokens(accepted_tokens, num_accepted, next_tokens) -> torch.Tensor:
+        """[A, depth + 1]: the accepted tokens, then the next token (what follows is never committed)."""
+        offsets = torch.arange(accepted_tokens.shape[1] + 1, device=next_tokens.device)
+        padded = torch.cat([accepted_tokens, next_tokens[:, None]], 1)
+        return torch.where(offsets == num_accepted[:, None], next_tokens[:, None], padded)
 
-    def _keep_accepted(self, target_start, accepted, num_accepted, tree, next_tokens) -> None:
+    def _commit(self, state, out, stop: StopRule, new_tokens, num_accepted) -> StepSummary:
+        """Append each row's new tokens up to its first stop (eos, max length), for all rows and tokens at once."""
+        rows = state.rows
+        lengths = out.lengths[rows]
+        offsets = torch.arange(new_tokens.shape[1], device=new_tokens.device)
+        limit = torch.minimum(num_accepted + 1, stop.max_length - lengths)
+        count = limit
+        if stop.eos_ids is not None:
+            eos = torch.isin(new_tokens, stop.eos_ids) & (offsets < limit[:, None])
+            first_eos = torch.where(eos.any(1), eos.to(torch.int8).argmax(1) + 1, limit)
+            count = torch.minimum(limit, first_eos)
+            finished = eos.any(1)
+        else:
+            finished = torch.zeros_like(limit, dtype=torch.bool)
+        finished = finished | (lengths + count >= stop.max_length)
+        self._write(out, rows, lengths, new_tokens, count)
+        summary = torch.stack([num_accepted, count, finished.long()]).tolist()  # the step's host sync
+        return StepSummary(summary[0], summary[1], [bool(f) for f in summary[2]])
+
+    def _commit_per_token(self, state, out, stop: StopRule, new_tokens, num_accepted) -> StepSummary:
+        """Criteria that must see every token (stop strings, a user's): appended and checked one token at a time."""
+        host_accepted = num_accepted.tolist()
+        host_tokens = new_tokens.tolist()
+        eos = set() if stop.eos_ids is None else set(stop.eos_ids.tolist())
+        committed, finished = [], []
+        for a, row in enumerate(state.host_rows):
+            length, done = state.host_lengths[a], False
+            for token in host_tokens[a][: host_accepted[a] + 1]:
+                out.sequences[row, length] = token
+                length += 1
+                done = length >= stop.max_length or token in eos or bool(stop.per_token(out.sequences[row : row + 1, :length], None).any())
+                if done:
+                    break
+            out.lengths[row] = length
+            committed.append(length - state.host_lengths[a])
+            finished.append(done)
+        return StepSummary(host_accepted, committed, finished)
+
+    @staticmethod
+    def _write(out, rows, lengths, new_tokens, count) -> None:
+        offsets = torch.arange(new_tokens.shape[1], device=new_tokens.device)
+        columns = lengths[:, None] + offsets
+        written = offsets < count[:, None]
+        rows_2d = rows[:, None].expand_as(columns)
+        out.sequences[rows_2d, columns] = torch.where(written, new_tokens, out.sequences[rows_2d, columns])
+        out.lengths[rows] = lengths + count
+
+    def _record(self, state, out, summary: StepSummary, accepted_nodes, new_tokens, scores, logits) -> None:
+        """Statistics, and what was asked for per token (scores, logits, streamed text)."""
+        stats = out.stats
+        stats.target_calls += 1
+        stats.row_steps += len(state.host_rows)
+        stats.generated_tokens += sum(summary.committed)
+        for a, row in enumerate(state.host_rows):
+            stats.accepted_lengths[row].append(summary.num_accepted[a])
+            state.host_lengths[a] += summary.committed[a]
+        if out.scores is not None or out.logits is not None:
+            # the node whose distribution produced each token: the root, then the accepted path
+            source_nodes = torch.cat([accepted_nodes.new_zeros(len(accepted_nodes), 1), accepted_nodes.clamp(min=0)], 1)
+            for a, row in enumerate(state.host_rows):
+                nodes = source_nodes[a, : summary.committed[a]]
+                if out.scores is not None:
+                    out.scores[row].extend(scores[a, nodes].unbind(0))
+                if out.logits is not None:
+                    out.logits[row].extend(logits[a, nodes].unbind(0))
+        if self.streamer is not None:
+            self.streamer.put(new_tokens[0, : summary.committed[0]].cpu())
+
+    def _keep_accepted(self, state, target_start, accepted, num_accepted, next_tokens, tree, draft, summary) -> None:
         """Both caches keep the root and the accepted path; the next token becomes the next step's root."""
-        width = int(num_accepted.max())
+        width = max(summary.num_accepted)
         root = accepted.new_zeros(len(accepted), 1)
         # target: the root's slot, then the accepted nodes' slots (node n sits at target_start + n)
         keep_valid = torch.cat([root == 0, accepted[:, :width] >= 0], 1)
         keep_slots = target_start + torch.cat([root, accepted[:, :width].clamp(min=0)], 1)
         self.target.keep(target_start, keep_slots)
-        self.target_layout.keep(target_start, keep_slots, keep_valid)
+        state.target_layout.keep(target_start, keep_slots, keep_valid)
+        if draft is not None:
+            self._keep_draft(state, draft, accepted, num_accepted, tree, next_tokens, summary)
+        state.root_positions = state.root_positions + num_accepted + 1
 
-        if self.drafter is not None and tree.depth > 0:
-            self._keep_draft(accepted, num_accepted, tree, next_tokens)
-        self.root_positions = self.root_positions + num_accepted + 1
-
-    def _keep_draft(self, accepted, num_accepted, tree, next_tokens) -> None:
-        node_slots = self.draft_node_slots.gather(1, accepted.clamp(min=0))
+    def _keep_draft(self, state, draft: DraftStep, accepted, num_accepted, tree, next_tokens, summary) -> None:
+        """The draft keeps its pending inputs and the accepted nodes it ran (levels 1..levels_run), compacted."""
+        node_slots = draft.node_slots.gather(1, accepted.clamp(min=0))
         processed = (accepted >= 0) & (node_slots >= 0)
+        # per row: the valid pending inputs (the root always) and the accepted nodes the draft ran
+        kept = [int(leaf) + 1 + min(n, draft.levels_run) for leaf, n in zip(state.host_leaf_pending, summary.num_accepted)]
         keep_valid, keep_slots = compact_rows(
-            torch.cat([self.draft_pending_valid, processed], 1),
-            torch.cat([self.draft_pending_slots, node_slots.clamp(min=self.draft_block_start)], 1),
+            torch.cat([state.draft_pending_valid, processed], 1),
+            torch.cat([draft.pending_slots, node_slots.clamp(min=draft.block_start)], 1),
+            width=max(kept),
         )
-        self.draft.keep(self.draft_block_start, keep_slots)
-        self.draft_layout.keep(self.draft_block_start, keep_slots, keep_valid)
-        # the deepest accepted node is pending if the draft never ran it (it was a leaf of the last level)
+        self.draft.keep(draft.block_start, keep_slots)
+        state.draft_layout.keep(draft.block_start, keep_slots, keep_valid)
+        # the deepest accepted node is pending if the draft never ran it (a node of the last level)
         last = accepted.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-        leaf_pending = (num_accepted > 0) & (self.draft_node_slots.gather(1, last.clamp(min=0)[:, None]).squeeze(1) < 0)
-        self.draft_pending = torch.stack([tree.tokens.gather(1, last.clamp(min=0)[:, None]).squeeze(1), next_tokens], 1)
-        self.draft_pending_valid = torch.stack([leaf_pending, torch.ones_like(leaf_pending)], 1)
+        leaf_pending = (num_accepted > 0) & (draft.node_slots.gather(1, last.clamp(min=0)[:, None]).squeeze(1) < 0)
+        state.draft_pending = torch.stack([tree.tokens.gather(1, last.clamp(min=0)[:, None]).squeeze(1), next_tokens], 1)
+        state.draft_pending_valid = torch.stack([leaf_pending, torch.ones_like(leaf_pending)], 1)
+        state.host_leaf_pending = [n > draft.levels_run for n in summary.num_accepted]
 
-    def _drop_rows(self, keep: torch.Tensor) -> None:
-        index = keep.nonzero().squeeze(-1)
-        self.rows = self.rows[index]
-        self.root_positions = self.root_positions[index]
-        if len(index) == 0:
+    def _drop_rows(self, state: DecodeState, keep: list[int]) -> None:
+        if not keep:
+            state.host_rows = []
             return
+        index = state.select(keep)
         self.target.select_rows(index)
-        self.target_layout.select_rows(index)
         if self.drafter is not None:
             self.draft.select_rows(index)
-            self.draft_layout.select_rows(index)
-            self.draft_pending, self.draft_pending_valid = self.draft_pending[index], self.draft_pending_valid[index]
 
     # ------------------------------------------------------------------ output
-    def _result(self) -> DecodeResult:
-        longest = int(self.lengths.max())
-        sequences = self.sequences[:, :longest].clone()
-        pad = self.pad_token_id
-        beyond = torch.arange(longest, device=sequences.device)[None, :] >= self.lengths[:, None]
-        if beyond.any():
-            if pad is None:
+    def _result(self, out: Output, longest: int) -> DecodeResult:
+        sequences = out.sequences[:, :longest].clone()
+        beyond = torch.arange(longest, device=sequences.device)[None, :] >= out.lengths[:, None]
+        if (out.lengths < longest).any():
+            if self.pad_token_id is None:
                 raise ValueError("rows finished at different lengths and pad_token_id is not set; set pad_token_id")
-            sequences[beyond] = pad
-        return DecodeResult(sequences, self.stats, self._stack(self.kept_scores), self._stack(self.kept_logits))
+            sequences[beyond] = self.pad_token_id
+        return DecodeResult(sequences, out.stats, self._stack(out.scores), self._stack(out.logits))
 
     @staticmethod
     def _stack(per_row: list[list[torch.Tensor]] | None) -> tuple[torch.Tensor, ...] | None:

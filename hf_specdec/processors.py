@@ -86,14 +86,15 @@ class NodeScorer:
         self,
         logits: torch.Tensor,
         sequences: torch.Tensor,
-        lengths: torch.Tensor,
         path_tokens: torch.Tensor,
-        depths: torch.Tensor,
         row_ids: torch.Tensor,
+        lengths: list[int],
+        node_depths: list[int],
     ) -> torch.Tensor:
-        """logits [B, n, V] of n nodes per row; sequences [B, W] committed tokens (valid up to lengths [B]);
-        path_tokens [B, n, D] the tokens from depth 1 down to each node; depths [B, n]; row_ids [B] the rows'
-        indices in the batch generate() was called with. Returns scores [B, n, V]."""
+        """logits [B, n, V] of n nodes per row; sequences [B, W] committed tokens (valid up to each row's length);
+        path_tokens [B, n, D] the tokens from depth 1 down to each node; row_ids [B] the rows' indices in the batch
+        generate() was called with; lengths (B ints) and node_depths (n ints, the same in every row) on the host, so
+        that grouping nodes by prefix length needs no host sync. Returns scores [B, n, V]."""
         if not self.processors:
             return logits
         batch, width, vocab = logits.shape
@@ -102,16 +103,21 @@ class NodeScorer:
         if self.prefix_free:
             dummy_ids = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=logits.device)
             return self._apply(dummy_ids, flat, row_ids[rows]).view(batch, width, vocab)
-        prefix_lengths = (lengths[:, None] + depths).flatten()
+        groups: dict[int, list[int]] = {}
+        for b, length in enumerate(lengths):
+            for n, depth in enumerate(node_depths):
+                groups.setdefault(length + depth, []).append(b * width + n)
         paths = path_tokens.flatten(0, 1)
         scores = torch.empty_like(flat)
         # one processor call per prefix length: input_ids must be rectangular
-        for total in prefix_lengths.unique().tolist():
-            members = (prefix_lengths == total).nonzero().squeeze(-1)
-            ids = sequences[rows[members], :total].clone()
-            offset = torch.arange(total, device=logits.device) - lengths[rows[members]][:, None]
+        for total, member_list in groups.items():
+            members = torch.tensor(member_list, device=logits.device)
+            member_rows = rows[members]
+            ids = sequences[member_rows, :total].clone()
+            offset = torch.arange(total, device=logits.device) - torch.tensor(
+                [lengths[i // width] for i in member_list], device=logits.device)[:, None]
             on_path = offset >= 0
             path_part = paths[members].gather(1, offset.clamp(min=0, max=paths.shape[1] - 1))
-            ids[on_path] = path_part[on_path]
-            scores[members] = self._apply(ids, flat[members], row_ids[rows[members]])
+            ids = torch.where(on_path, path_part, ids)
+            scores[members] = self._apply(ids, flat[members], row_ids[member_rows])
         return scores.view(batch, width, vocab)

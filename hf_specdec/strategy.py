@@ -22,7 +22,8 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_available
 from hf_specdec.backends.hf import HFBackend, check_runnable
 from hf_specdec.config import SpeculativeConfig
-from hf_specdec.loop import SpeculativeDecoder, SpeculativeStats
+from hf_specdec.generation import make_decoder
+from hf_specdec.loop import SpeculativeStats
 from hf_specdec.rope import check_supported as check_rope_supported
 
 
@@ -169,18 +170,17 @@ def speculative_generate(
                          generation_config.max_length)
     temperature = _sampling_temperature(generation_config)
     config = _resolve_config(speculative_config, model, draft_model, batch_size, input_ids.shape[1], temperature)
-    decoder = SpeculativeDecoder(
-        target=HFBackend(model, "target"),
-        draft=HFBackend(draft_model, "draft") if config.is_speculative else None,
-        config=config,
-        logits_processor=logits_processor,
-        stopping_criteria=stopping_criteria,
-        do_sample=generation_config.do_sample,
-        max_length=generation_config.max_length,
-        pad_token_id=None if generation_config._pad_token_tensor is None else int(generation_config._pad_token_tensor),
+    decoder = make_decoder(
+        HFBackend(model, "target"),
+        HFBackend(draft_model, "draft") if config.is_speculative else None,
+        config,
+        generation_config,
+        logits_processor,
+        stopping_criteria,
+        generation_config.max_length,
         streamer=speculative_streamer,
-        output_scores=generation_config.output_scores and generation_config.return_dict_in_generate,
-        output_logits=generation_config.output_logits and generation_config.return_dict_in_generate,
+        # phase timings synchronise CUDA: only when the statistics are returned
+        profile=generation_config.return_dict_in_generate,
     )
     prepack = prepacking_available(model)
     with packed_linears(model, prepack), packed_linears(draft_model, prepack and config.is_speculative):

@@ -2,7 +2,8 @@
 
 Node 0 of every row is the root (the last committed token, not yet seen by the target). Draft nodes are numbered
 level by level in the order the drafter proposed them, so siblings are numbered in the order they were drawn.
-Rows may have fewer nodes than others (a top-k warper leaves fewer tokens to branch on): those slots are invalid.
+Every level has the same number of nodes in every row (its static width), so a node's depth is known without looking
+at the tensors; rows with fewer real nodes (a top-k warper leaves fewer tokens to branch on) mark the rest invalid.
 """
 
 from __future__ import annotations
@@ -10,11 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def compact_rows(valid: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Move each row's valid entries to the front (stable, so their order is kept) and drop all-invalid columns."""
-    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices
-    width = max(int(valid.sum(1).max()), 0)
-    order = order[:, :width]
+def compact_rows(valid: torch.Tensor, *tensors: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
+    """Move each row's valid entries to the front (stable, so their order is kept) and keep the first `width` columns
+    (the caller knows the largest valid count: no host sync here)."""
+    order = torch.sort((~valid).to(torch.int8), dim=1, stable=True).indices[:, :width]
     return tuple(t.gather(1, order) for t in (valid, *tensors))
 
 
@@ -46,6 +46,7 @@ class DraftTree:
             self.draft_probs = torch.empty(batch, size, vocab_size, dtype=torch.float32, device=device)
         self.size = 1
         self.depth = 0
+        self.level_sizes: list[int] = []  # nodes per level (the same in every row), levels 1..depth
 
     @property
     def num_nodes(self) -> int:
@@ -70,17 +71,23 @@ class DraftTree:
         self.path_tokens[:, start:end] = self.path_tokens[rows, parents]
         self.path_tokens[:, start:end, self.depth - 1] = tokens
         self.size = end
+        self.level_sizes.append(width)
         return torch.arange(start, end, device=tokens.device).expand(batch, width)
 
-    def paths(self) -> torch.Tensor:
-        """Root-to-leaf paths [B, P, depth] of node indices (-1 padded), leaves in node order."""
+    def node_depths(self) -> list[int]:
+        """Depth of every node 0..size-1 (the same in every row)."""
+        return [0] + [level + 1 for level, width in enumerate(self.level_sizes) for _ in range(width)]
+
+    def paths(self, max_paths: int) -> torch.Tensor:
+        """Root-to-leaf paths [B, max_paths, depth] of node indices (-1 padded), leaves in node order; `max_paths`
+        bounds the leaves of any row (static, so that no host sync is needed)."""
         size = self.size
         parents, valid = self.parents[:, :size], self.valid[:, :size]
         child_count = torch.zeros(parents.shape, dtype=torch.long, device=parents.device)
         child_count.scatter_add_(1, parents.clamp(min=0), (valid & (parents >= 0)).long())
         is_leaf = valid & (child_count == 0)
         is_leaf[:, 0] = False
-        num_paths = int(is_leaf.sum(1).max()) if size > 1 else 0
+        num_paths = min(max_paths, size - 1)
         # leaves first, in node order (a stable sort on "not a leaf")
         leaves = torch.sort((~is_leaf).to(torch.int8), dim=1, stable=True).indices[:, :num_paths]
         leaf_valid = is_leaf.gather(1, leaves)
@@ -91,6 +98,3 @@ class DraftTree:
         )[None, None, :, None])
         found = depth_match.any(-1)
         return torch.where(found, depth_match.to(torch.int8).argmax(-1), torch.full_like(found, -1, dtype=torch.long))
-
-    def trimmed(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor[:, : self.size]

@@ -29,6 +29,7 @@ and so a token only when a uniform falls within ~1e-15 of a threshold. Uniforms 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -197,33 +198,48 @@ def verify_row(
     return accepted, int(sample_with_uniform(target_probs[node], sample_uniform))
 
 
-def verify_tree(
-    rule: str,
-    paths: torch.Tensor,
-    node_tokens: torch.Tensor,
-    target_probs: torch.Tensor,
-    draft_probs: torch.Tensor | None,
-    accept_uniforms: torch.Tensor,
-    sample_uniforms: torch.Tensor,
-) -> VerifyResult:
-    """Batched verification (rows are independent). Shapes: paths [B, P, L], node_tokens [B, N+1],
-    target_probs [B, N+1, V] (for "greedy" any scores with the target's argmax), draft_probs [B, N+1, V] or None
-    for "greedy", accept_uniforms [B, P, L], sample_uniforms [B]."""
-    if rule not in RULES:
-        raise ValueError(f"unknown verification rule {rule!r}; expected one of {RULES}")
-    if draft_probs is None and rule != "greedy" and paths.shape[1] > 0:
-        raise ValueError(f"rule {rule!r} needs draft_probs")
-    batch, depth = paths.shape[0], paths.shape[2]
+@dataclass
+class VerifyInputs:
+    """One step's verification problem, batched over rows. Shapes: paths [B, P, L] (node indices, -1 padded),
+    node_tokens [B, N+1], target_probs [B, N+1, V] (for "greedy" any scores with the target's argmax), draft_probs
+    [B, N+1, V] or None for "greedy", accept_uniforms [B, P, L], sample_uniforms [B]."""
+
+    rule: str
+    paths: torch.Tensor
+    node_tokens: torch.Tensor
+    target_probs: torch.Tensor
+    draft_probs: torch.Tensor | None
+    accept_uniforms: torch.Tensor
+    sample_uniforms: torch.Tensor
+
+    def check(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown verification rule {self.rule!r}; expected one of {RULES}")
+        if self.draft_probs is None and self.rule != "greedy" and self.paths.shape[1] > 0:
+            raise ValueError(f"rule {self.rule!r} needs draft_probs")
+
+
+class Verifier(Protocol):
+    """The verifier interface: this reference, the batched device path, the Triton kernel, the ONNX Runtime op and
+    the TensorRT verify engine all implement it and return the same tokens for the same inputs."""
+
+    def __call__(self, inputs: VerifyInputs) -> VerifyResult: ...
+
+
+def verify_tree(inputs: VerifyInputs) -> VerifyResult:
+    """The reference: rows are independent and walked one by one on the host."""
+    inputs.check()
+    batch, depth = inputs.paths.shape[0], inputs.paths.shape[2]
     accepted_nodes = torch.full((batch, depth), -1, dtype=torch.long)
     num_accepted = torch.zeros(batch, dtype=torch.long)
     next_tokens = torch.zeros(batch, dtype=torch.long)
-    paths, node_tokens = paths.cpu(), node_tokens.cpu()
-    target_probs = target_probs.cpu()
-    draft_probs = None if draft_probs is None else draft_probs.cpu()
-    accept_uniforms, sample_uniforms = accept_uniforms.cpu(), sample_uniforms.cpu()
+    paths, node_tokens = inputs.paths.cpu(), inputs.node_tokens.cpu()
+    target_probs = inputs.target_probs.cpu()
+    draft_probs = None if inputs.draft_probs is None else inputs.draft_probs.cpu()
+    accept_uniforms, sample_uniforms = inputs.accept_uniforms.cpu(), inputs.sample_uniforms.cpu()
     for b in range(batch):
         path, token = verify_row(
-            rule,
+            inputs.rule,
             paths[b],
             node_tokens[b],
             target_probs[b],
@@ -235,4 +251,5 @@ def verify_tree(
         num_accepted[b] = len(path)
         next_tokens[b] = token
     accepted_tokens = torch.where(accepted_nodes >= 0, node_tokens.gather(1, accepted_nodes.clamp(min=0)), -1)
-    return VerifyResult(accepted_nodes, accepted_tokens, num_accepted, next_tokens)
+    device = inputs.node_tokens.device
+    return VerifyResult(accepted_nodes.to(device), accepted_tokens.to(device), num_accepted.to(device), next_tokens.to(device))

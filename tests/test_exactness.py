@@ -16,6 +16,7 @@ from scipy.stats import chi2
 from tiny_models import perturbed_copy, tiny_model, word_tokenizer
 from transformers import GenerationConfig
 
+import hf_specdec.generation as generation
 import hf_specdec.verification as verification
 from hf_specdec import speculative_generate
 from hf_specdec.export.onnx_export import export_pair
@@ -186,6 +187,8 @@ def test_negative_control_detects_a_biased_verifier(models, pytorch_sample, monk
     or subtly (treating draws without replacement as draws with replacement)."""
     target, _ = models
     monkeypatch.setitem(verification.NODE_RULES, "rrs", biased_rule)
+    # the reference walks NODE_RULES (the default verifier, the batched path, is checked against it elsewhere)
+    monkeypatch.setattr(generation, "default_verifier", lambda device: verification.verify_tree)
     exact = exact_joint(target, 1.0, None)
     counts = sample_joint(pytorch_sample, "far", "rsd-c:b=2-2", 1.0, None)
     assert chi_square_pvalue(counts, exact) < LEVEL

@@ -22,7 +22,7 @@ from hf_specdec.export.tensorrt_build import (  # noqa: E402
     verify_specs,
 )
 from hf_specdec.trt_plugins import tensorrt_library  # noqa: E402
-from hf_specdec.verification import RULES, verify_tree  # noqa: E402
+from hf_specdec.verification import RULES, VerifyInputs, verify_tree  # noqa: E402
 from tiny_models import perturbed_copy, tiny_model, word_tokenizer  # noqa: E402
 from verify_cases import random_case  # noqa: E402
 
@@ -129,6 +129,7 @@ def test_verify_engines_match_the_reference(engines_dir):
     for rule in RULES:
         for _ in range(10):
             case = random_case(rule, batch=4, vocab=64, max_nodes=12, generator=generator)
-            expected, found = verify_tree(**case), verifier(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in case.items()})
+            expected = verify_tree(VerifyInputs(**case))
+            found = verifier(VerifyInputs(**{k: v.cuda() if torch.is_tensor(v) else v for k, v in case.items()}))
             assert torch.equal(expected.next_tokens, found.next_tokens.cpu())
             assert torch.equal(expected.accepted_nodes, found.accepted_nodes.cpu())

@@ -29,14 +29,14 @@ def test_tree_structure():
     assert tree.path_tokens[0, 5].tolist() == [12, 15]
     # ancestors: the node itself and its draft ancestors (the root is committed, not a tree node)
     assert tree.ancestors[0, 4, :6].tolist() == [False, True, False, False, True, False]
-    assert tree.paths()[0].tolist() == [[1, 3], [1, 4], [2, 5]]
-    assert tree.paths()[1].tolist() == [[1, -1], [-1, -1], [-1, -1]]
+    assert tree.paths(3)[0].tolist() == [[1, 3], [1, 4], [2, 5]]
+    assert tree.paths(3)[1].tolist() == [[1, -1], [-1, -1], [-1, -1]]
 
 
 def test_compact_rows_keeps_order():
     valid = torch.tensor([[False, True, True], [True, False, False]])
     values = torch.tensor([[1, 2, 3], [4, 5, 6]])
-    kept_valid, kept = compact_rows(valid, values)
+    kept_valid, kept = compact_rows(valid, values, width=2)
     assert kept_valid.tolist() == [[True, True], [True, False]]
     assert kept[0].tolist() == [2, 3] and kept[1, 0] == 4
 
@@ -76,24 +76,24 @@ def test_cache_layout_keep():
 
 
 def draft_level(config: str, logq: torch.Tensor, greedy: bool, levels: int = 1):
-    """Run a drafter for `levels` levels where every node sees the same log q; returns (tree, drafter)."""
+    """Run a drafter for `levels` levels where every node sees the same log q; returns (tree, drafter, its state)."""
     config = SpeculativeConfig.parse(config)
     batch = logq.shape[0]
     tree = DraftTree(torch.zeros(batch, dtype=torch.long), capacity=config.tree_size, max_depth=config.depth)
     drafter = make_drafter(config, greedy)
-    drafter.start(tree)
+    state = drafter.start(tree)
     frontier = torch.zeros(batch, 1, dtype=torch.long)
     frontier_valid = torch.ones(batch, 1, dtype=torch.bool)
     for _ in range(levels):
-        nodes = drafter.expand(tree, frontier, frontier_valid, logq[:, None].expand(-1, frontier.shape[1], -1))
+        nodes = drafter.expand(tree, state, frontier, frontier_valid, logq[:, None].expand(-1, frontier.shape[1], -1))
         frontier, frontier_valid = nodes, tree.valid.gather(1, nodes)
-    return tree, drafter
+    return tree, drafter, state
 
 
 def test_gumbel_top_k_draws_without_replacement_from_q():
     q = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0])
     rows = 40000
-    tree, _ = draft_level("rsd-c:b=2", q.log().expand(rows, -1), greedy=False)
+    tree, _, _ = draft_level("rsd-c:b=2", q.log().expand(rows, -1), greedy=False)
     first, second = tree.tokens[:, 1], tree.tokens[:, 2]
     assert tree.valid[:, 1:3].all() and (first != second).all() and (first != 4).all() and (second != 4).all()
     observed = torch.zeros(5, 5)
@@ -105,8 +105,9 @@ def test_gumbel_top_k_draws_without_replacement_from_q():
 
 def test_branching_stops_at_the_support_of_q():
     q = torch.tensor([0.5, 0.5, 0.0, 0.0])
-    tree, _ = draft_level("rsd-c:b=3", q.log().expand(4, -1), greedy=False)
-    assert tree.size == 3 and tree.valid[:, 1:3].all()  # two valid children, not three
+    tree, _, _ = draft_level("rsd-c:b=3", q.log().expand(4, -1), greedy=False)
+    # the level keeps its static width of three; two children are valid
+    assert tree.size == 4 and tree.valid[:, 1:3].all() and not tree.valid[:, 3].any()
 
 
 def test_shifted_gumbel_keeps_the_parent_maximum():
@@ -120,7 +121,7 @@ def test_shifted_gumbel_keeps_the_parent_maximum():
 def test_greedy_beam_search_keeps_the_best_paths():
     # with the same log q everywhere, the best 3 two-token paths are (0,0), (0,1), (1,0) by probability
     logq = torch.tensor([[0.5, 0.3, 0.2]]).log()
-    tree, _ = draft_level("rsd-s:w=3,d=2", logq, greedy=True, levels=2)
+    tree, _, _ = draft_level("rsd-s:w=3,d=2", logq, greedy=True, levels=2)
     level_two = tree.path_tokens[0, 4:7].tolist()
     assert sorted(map(tuple, level_two)) == [(0, 0), (0, 1), (1, 0)]
 
@@ -128,6 +129,6 @@ def test_greedy_beam_search_keeps_the_best_paths():
 def test_spectr_merges_sequences_into_a_trie():
     # q is deterministic (token 1 only): every sequence draws the same tokens and shares one node per level
     logq = torch.tensor([[0.0, 1.0, 0.0]]).log()
-    tree, drafter = draft_level("spectr:k=3,l=2", logq, greedy=False, levels=2)
-    assert tree.valid[0, : tree.size].sum() == 3  # root + one node per level
-    assert drafter.paths(tree)[0].tolist() == [[1, 2], [1, 2], [1, 2]]  # three draws through the same nodes
+    tree, drafter, state = draft_level("spectr:k=3,l=2", logq, greedy=False, levels=2)
+    assert tree.valid[0, : tree.size].sum() == 3  # root + one node per level (the first sequence's slot)
+    assert drafter.paths(tree, state)[0].tolist() == [[1, 4], [1, 4], [1, 4]]  # three draws through the same nodes

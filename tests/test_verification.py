@@ -18,6 +18,7 @@ from hf_specdec.verification import (
     sample_with_uniform,
     spectr_kseq,
     spectr_rho,
+    VerifyInputs,
     verify_tree,
 )
 
@@ -142,20 +143,20 @@ class TestVerifyTree:
     def test_greedy_descends_along_the_argmax(self):
         # argmax after root = 5 (node 2), after node 2 = 7 (node 4), after node 4 = 9 (bonus)
         scores = one_hot(10, 5, 0, 7, 0, 9)[None]
-        result = verify_tree("greedy", self.paths, self.tokens, scores, None, torch.zeros(1, 2, 2), torch.zeros(1))
+        result = verify_tree(VerifyInputs("greedy", self.paths, self.tokens, scores, None, torch.zeros(1, 2, 2), torch.zeros(1)))
         assert result.accepted_nodes.tolist() == [[2, 4]]
         assert result.num_accepted.tolist() == [2]
         assert result.next_tokens.tolist() == [9]
 
     def test_greedy_stops_at_the_first_mismatch(self):
         scores = one_hot(10, 4, 8, 0, 0, 0)[None]  # after node 1 the target wants 8, the draft offers 6
-        result = verify_tree("greedy", self.paths, self.tokens, scores, None, torch.zeros(1, 2, 2), torch.zeros(1))
+        result = verify_tree(VerifyInputs("greedy", self.paths, self.tokens, scores, None, torch.zeros(1, 2, 2), torch.zeros(1)))
         assert result.accepted_nodes.tolist() == [[1, -1]]
         assert result.next_tokens.tolist() == [8]
 
     def test_sampling_with_p_equal_q_accepts_everything(self):
         probs = torch.rand(1, 5, 10).softmax(-1)
-        result = verify_tree("rrs", self.paths, self.tokens, probs, probs, torch.full((1, 2, 2), 0.999), torch.rand(1))
+        result = verify_tree(VerifyInputs("rrs", self.paths, self.tokens, probs, probs, torch.full((1, 2, 2), 0.999), torch.rand(1)))
         assert result.num_accepted.tolist() == [2]
 
     def test_rejected_candidates_are_never_the_next_token(self):
@@ -165,7 +166,7 @@ class TestVerifyTree:
         q = torch.zeros(1, 5, 10)
         q[0, 0, 4] = q[0, 0, 5] = 0.5
         for u in torch.linspace(0, 0.999, 20):
-            result = verify_tree("rrs", self.paths, self.tokens, p / p.sum(-1, keepdim=True), q, torch.rand(1, 2, 2), u[None])
+            result = verify_tree(VerifyInputs("rrs", self.paths, self.tokens, p / p.sum(-1, keepdim=True), q, torch.rand(1, 2, 2), u[None]))
             assert result.num_accepted.item() == 0
             assert result.next_tokens.item() not in (4, 5)
 
@@ -177,11 +178,11 @@ class TestVerifyTree:
         q = torch.zeros(1, 2, 10)
         q[0, :, 4] = 1.0
         # accept prob per draw = p/(rho q) = 0.1/rho; first draw rejected (u=0.99), second accepted (u=0)
-        result = verify_tree("spectr", paths, tokens, p, q, torch.tensor([[[0.99], [0.0]]]), torch.zeros(1))
+        result = verify_tree(VerifyInputs("spectr", paths, tokens, p, q, torch.tensor([[[0.99], [0.0]]]), torch.zeros(1)))
         assert result.accepted_nodes.tolist() == [[1]]
 
     def test_empty_tree_samples_from_the_root(self):
         probs = one_hot(10, 7)[None]
-        result = verify_tree("rrs", torch.zeros(1, 0, 0, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
-                             probs, probs, torch.zeros(1, 0, 0), torch.rand(1))
+        result = verify_tree(VerifyInputs("rrs", torch.zeros(1, 0, 0, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long),
+                             probs, probs, torch.zeros(1, 0, 0), torch.rand(1)))
         assert result.next_tokens.tolist() == [7] and result.num_accepted.tolist() == [0]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from hf_specdec.trt_plugins.verify_op import INPUTS, OP_TYPE, OUTPUTS, PLUGIN_NAMESPACE, PLUGIN_VERSION, verify_model
-from hf_specdec.verification import RULES, VerifyResult, verify_tree
+from hf_specdec.verification import RULES, VerifyInputs, VerifyResult, verify_tree
 from verify_cases import cases, random_case
 
 FIELDS = ("accepted_nodes", "accepted_tokens", "num_accepted", "next_tokens")
@@ -50,7 +50,7 @@ def test_onnxruntime_node_matches_reference(rule):
     generator = torch.Generator().manual_seed(RULES.index(rule))
     for _ in range(30):
         case = random_case(rule, batch=4, vocab=29, max_nodes=14, generator=generator)
-        assert_same(verify_tree(**case), verify_tree_onnxruntime(**case), case)
+        assert_same(verify_tree(VerifyInputs(**case)), verify_tree_onnxruntime(VerifyInputs(**case)), case)
 
 
 def test_onnxruntime_node_accepts_empty_trees():
@@ -59,7 +59,7 @@ def test_onnxruntime_node_accepts_empty_trees():
     probs = torch.rand(2, 1, 11).softmax(-1)
     case = dict(rule="rrs", paths=torch.zeros(2, 0, 0, dtype=torch.long), node_tokens=torch.zeros(2, 1, dtype=torch.long),
                 target_probs=probs, draft_probs=probs, accept_uniforms=torch.zeros(2, 0, 0), sample_uniforms=torch.rand(2))
-    assert_same(verify_tree(**case), verify_tree_onnxruntime(**case), case)
+    assert_same(verify_tree(VerifyInputs(**case)), verify_tree_onnxruntime(VerifyInputs(**case)), case)
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -72,7 +72,7 @@ def test_triton_kernel_matches_reference(rule):
     for _ in range(4 if rule == "spectr" else 8):  # K-SEQ bisects rho with 41 vocabulary passes per node
         case = random_case(rule, batch=3, vocab=40, max_nodes=12, generator=generator)
         on_device = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-        assert_same(verify_tree(**case), verify_tree_triton(**on_device), case)
+        assert_same(verify_tree(VerifyInputs(**case)), verify_tree_triton(VerifyInputs(**on_device)), case)
 
 
 def test_triton_kernel_compiles_for_gpus():
@@ -98,7 +98,7 @@ def test_triton_kernel_on_gpu_matches_reference_and_is_timed(batch, vocab):
         for _ in range(5):
             case = random_case(rule, batch=batch, vocab=vocab, max_nodes=16, generator=generator)
             on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
-            assert_same(verify_tree(**on_gpu), verify_tree_triton(**on_gpu), case)
+            assert_same(verify_tree(VerifyInputs(**on_gpu)), verify_tree_triton(VerifyInputs(**on_gpu)), case)
         timings = {}
         for name, implementation in (("reference", verify_tree), ("triton", verify_tree_triton)):
             implementation(**on_gpu)

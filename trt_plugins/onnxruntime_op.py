@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from hf_specdec.trt_plugins.verify_op import INPUTS, OP_TYPE, OUTPUTS, result_of, run_reference, verify_model
+from hf_specdec.verification import VerifyInputs, VerifyResult
 
 
 def _extensions():
@@ -59,10 +60,9 @@ def verify_session(rule: str):
     return onnxruntime.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
 
 
-def verify_tree_onnxruntime(rule, paths, node_tokens, target_probs, draft_probs, accept_uniforms, sample_uniforms):
-    """`verify_tree` through ONNX Runtime's verify graph (same signature and result type)."""
-    if draft_probs is None:
-        draft_probs = target_probs[..., :1]
-    arrays = (paths, node_tokens, target_probs, draft_probs, accept_uniforms, sample_uniforms)
+def verify_tree_onnxruntime(inputs: VerifyInputs) -> VerifyResult:
+    """The verifier interface through ONNX Runtime's verify graph."""
+    draft_probs = inputs.target_probs[..., :1] if inputs.draft_probs is None else inputs.draft_probs
+    arrays = (inputs.paths, inputs.node_tokens, inputs.target_probs, draft_probs, inputs.accept_uniforms, inputs.sample_uniforms)
     feed = {spec.name: array.cpu().numpy().astype(spec.dtype) for spec, array in zip(INPUTS, arrays)}
-    return result_of(verify_session(rule).run(None, feed))
+    return result_of(verify_session(inputs.rule).run(None, feed))

@@ -105,13 +105,14 @@ class VerifyTreePlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuil
         import torch
 
         from hf_specdec.trt_plugins.triton_kernel import verify_tree_triton
+        from hf_specdec.verification import VerifyInputs
 
         tensors = [_DeviceArray.tensor(pointer, desc) for pointer, desc in zip(inputs, input_desc)]
         results = tuple(_DeviceArray.tensor(pointer, desc) for pointer, desc in zip(outputs, output_desc))
         batch, _, vocab = input_desc[_TARGET_PROBS].dims
         residual = torch.as_tensor(_DeviceArray(workspace, (batch, vocab) if self.rule != "greedy" else (1,), "<f8"), device="cuda")
         with torch.cuda.stream(torch.cuda.ExternalStream(stream)):
-            verify_tree_triton(self.rule, *tensors, out=results, residual=residual)
+            verify_tree_triton(VerifyInputs(self.rule, *tensors), out=results, residual=residual)
         return 0
 
 

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from hf_specdec.trt_plugins.verify_op import check_rule
-from hf_specdec.verification import RULES, SPECTR_BISECTION_STEPS, VerifyResult
+from hf_specdec.verification import RULES, SPECTR_BISECTION_STEPS, VerifyInputs, VerifyResult
 
 RULE_IDS = {rule: index for index, rule in enumerate(RULES)}
 RRS, SPECTR, GREEDY = RULE_IDS["rrs"], RULE_IDS["spectr"], RULE_IDS["greedy"]
@@ -292,13 +292,15 @@ def verify_tree_kernel(
     tl.store(next_tokens_ptr + row, next_token)
 
 
-def verify_tree_triton(rule, paths, node_tokens, target_probs, draft_probs, accept_uniforms, sample_uniforms,
-                       out: tuple[torch.Tensor, ...] | None = None, residual: torch.Tensor | None = None) -> VerifyResult:
-    """`verify_tree` by the Triton kernel, on the inputs' device (same signature and result type).
+def verify_tree_triton(inputs: VerifyInputs, out: tuple[torch.Tensor, ...] | None = None,
+                       residual: torch.Tensor | None = None) -> VerifyResult:
+    """The verifier interface by the Triton kernel, on the inputs' device.
 
     A TensorRT plugin passes its buffers: `out`, the int32 outputs (accepted_nodes, accepted_tokens, num_accepted,
     next_tokens), and `residual`, float64 scratch of [batch, vocab] (sampling rules)."""
-    check_rule(rule)
+    rule, paths, node_tokens = check_rule(inputs.rule), inputs.paths, inputs.node_tokens
+    target_probs, draft_probs = inputs.target_probs, inputs.draft_probs
+    accept_uniforms, sample_uniforms = inputs.accept_uniforms, inputs.sample_uniforms
     batch, num_paths, depth = paths.shape
     num_nodes, vocab = target_probs.shape[1], target_probs.shape[2]
     if draft_probs is None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hf_specdec.verification import RULES, VerifyResult, verify_tree
+from hf_specdec.verification import RULES, VerifyInputs, VerifyResult, verify_tree
 
 OP_TYPE = "VerifyTree"
 PLUGIN_NAMESPACE = "hf_specdec"
@@ -86,7 +86,7 @@ def verify_model(rule: str):
 def run_reference(rule: str, paths, node_tokens, target_probs, draft_probs, accept_uniforms, sample_uniforms):
     """The operator on numpy inputs through the PyTorch reference; returns the outputs of `OUTPUTS` as int32 arrays."""
     as_tensor = torch.from_numpy
-    result = verify_tree(
+    result = verify_tree(VerifyInputs(
         check_rule(rule),
         as_tensor(np.asarray(paths, np.int64)),
         as_tensor(np.asarray(node_tokens, np.int64)),
@@ -94,7 +94,7 @@ def run_reference(rule: str, paths, node_tokens, target_probs, draft_probs, acce
         None if rule == "greedy" else as_tensor(np.asarray(draft_probs)),
         as_tensor(np.asarray(accept_uniforms)),
         as_tensor(np.asarray(sample_uniforms)),
-    )
+    ))
     return outputs_of(result)
 
 

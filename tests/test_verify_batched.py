@@ -1,0 +1,406 @@
+"""`verify_tree_batched` (all rows at once on the device, no host syncs) returns the reference's tokens.
+
+Reference: `hf_specdec.verification.verify_tree`. The trees are random tries (tests/verify_cases.py), trees grown by
+the drafters themselves (`DRAFTERS` on a `DraftTree`), and batches that mix rows of different sizes; the vocabularies
+are tiny so that candidates repeat and the thresholds of every rule are hit, and the uniforms are also placed on the
+thresholds (the accept probability itself and its floating-point neighbours, CDF steps of the next token's
+distribution), where a one-ulp difference in any probability would change a token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hf_specdec.config import SpeculativeConfig
+from hf_specdec.drafting import DRAFTERS
+from hf_specdec.trees import DraftTree
+from hf_specdec.verification import NODE_RULES, RULES, VerifyInputs, VerifyResult, candidates_at, verify_tree
+from hf_specdec.verify_batched import verify_tree_batched
+from verify_cases import random_case
+
+def reference(case: dict) -> VerifyResult:
+    return verify_tree(VerifyInputs(**case))
+
+
+def batched(case: dict) -> VerifyResult:
+    return verify_tree_batched(VerifyInputs(**case))
+
+FIELDS = ("accepted_nodes", "accepted_tokens", "num_accepted", "next_tokens")
+BELOW_ONE = math.nextafter(1.0, 0.0)
+
+
+def assert_same(expected: VerifyResult, found: VerifyResult, case: dict) -> None:
+    for name in FIELDS:
+        want, got = getattr(expected, name), getattr(found, name)
+        assert got.device == case["target_probs"].device and got.dtype == want.dtype, name
+        assert torch.equal(want, got.to(want.device)), (
+            f"{case['rule']}: {name} {got.tolist()} != reference {want.tolist()} (paths {case['paths'].tolist()})"
+        )
+
+
+def check(case: dict) -> VerifyResult:
+    expected = reference(case)
+    assert_same(expected, batched(case), case)
+    return expected
+
+
+# ---------------------------------------------------------------- problems
+
+
+def with_rule(case: dict, rule: str) -> dict:
+    """The same tree and distributions verified by another rule (greedy reads the target's argmax)."""
+    return {**case, "rule": rule, "draft_probs": None if rule == "greedy" else case["draft_probs"]}
+
+
+def distributions(batch: int, slots: int, vocab: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """p, q [B, slots, V] (float32): per node, related random distributions, p == q, one-hot p, zeros in p or q,
+    disjoint supports."""
+    logits = torch.randn(batch, slots, vocab, generator=generator) * float(torch.empty(1).uniform_(0.3, 3.0, generator=generator))
+    q = logits.softmax(-1)
+    p = (logits + torch.randn(batch, slots, vocab, generator=generator)).softmax(-1)
+    kind = torch.randint(0, 7, (batch, slots, 1), generator=generator)
+    holes = torch.rand(batch, slots, vocab, generator=generator) < 0.4
+    p = torch.where(kind == 1, q, p)
+    p = torch.where(kind == 2, torch.nn.functional.one_hot(p.argmax(-1), vocab).float(), p)
+    q = torch.where((kind == 3) & holes, 0.0, q)
+    p = torch.where((kind == 4) & holes, 0.0, p)
+    p = torch.where((kind == 5) & holes, 0.0, p)
+    q = torch.where((kind == 5) & ~holes, 0.0, q)
+    # keep some mass in each (a drafter samples from q); renormalise
+    q = torch.where(q.sum(-1, keepdim=True) > 0, q, torch.full_like(q, 1.0 / vocab))
+    p = torch.where(p.sum(-1, keepdim=True) > 0, p, torch.full_like(p, 1.0 / vocab))
+    return p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+
+
+def drafted_case(method: str, batch: int, vocab: int, generator: torch.Generator) -> dict:
+    """A tree grown by the method's drafter on a `DraftTree`, as the speculative loop does (q with zeros leaves rows
+    with fewer nodes); q at nodes the draft never ran is NaN (the loop leaves it uninitialised: never read)."""
+    depth = int(torch.randint(1, 5, (1,), generator=generator))
+    if method == "sd":
+        config = SpeculativeConfig.sd(depth)
+    elif method == "rsd-c":
+        config = SpeculativeConfig.rsd_c(torch.randint(1, 4, (depth,), generator=generator).tolist())
+    elif method == "rsd-s":
+        config = SpeculativeConfig("rsd-s", depth=depth, beam_width=int(torch.randint(1, 5, (1,), generator=generator)))
+    else:
+        config = SpeculativeConfig.spectr(int(torch.randint(1, 6, (1,), generator=generator)), depth)
+    greedy = bool(torch.rand(1, generator=generator) < 0.25)
+    drafter = DRAFTERS[method](config, greedy)
+    capacity = config.tree_size
+    p, q = distributions(batch, capacity + 1, vocab, generator)
+    if method in ("rsd-c", "rsd-s"):  # rows whose root draws nothing (a top-k warper leaving no token): empty rows
+        q[:, 0] = torch.where(torch.rand(batch, 1, generator=generator) < 0.1, 0.0, q[:, 0])
+    tree = DraftTree(torch.randint(0, vocab, (batch,), generator=generator), capacity, config.depth)
+    state = drafter.start(tree)
+    rows = torch.arange(batch)[:, None]
+    frontier = torch.zeros(batch, 1, dtype=torch.long)
+    frontier_valid = torch.ones(batch, 1, dtype=torch.bool)
+    for level in range(1, config.depth + 1):
+        new_nodes = drafter.expand(tree, state, frontier, frontier_valid, q[rows, frontier].log())
+        if level == config.depth or new_nodes.shape[1] == 0:
+            break
+        frontier, frontier_valid = new_nodes, tree.valid.gather(1, new_nodes)
+    size = tree.size
+    paths = drafter.paths(tree, state)
+    parents = tree.parents[:, :size]
+    children = torch.zeros(batch, size, dtype=torch.long).scatter_add_(1, parents.clamp(min=0), (parents >= 0).long())
+    draft_probs = torch.where(children[..., None] > 0, q[:, :size], float("nan"))
+    rule = "greedy" if greedy else ("spectr" if method == "spectr" else "rrs")
+    return dict(
+        rule=rule,
+        paths=paths,
+        node_tokens=tree.tokens[:, :size].clone(),
+        target_probs=p[:, :size],
+        draft_probs=draft_probs,  # greedy ignores it
+        accept_uniforms=torch.rand(paths.shape, generator=generator),
+        sample_uniforms=torch.rand(batch, generator=generator),
+    )
+
+
+def with_any_tokens(case: dict, generator: torch.Generator) -> dict:
+    """Half of the draft tokens replaced by any token of the vocabulary (q(token) may be 0, siblings may repeat a
+    token, the last token (say eos) is frequent): a verifier must not assume that tokens were drawn from q."""
+    tokens = case["node_tokens"].clone()
+    vocab = case["target_probs"].shape[-1]
+    other = torch.randint(0, vocab + 2, tokens.shape, generator=generator).clamp_(max=vocab - 1)
+    replace = torch.rand(tokens.shape, generator=generator) < 0.5
+    replace[:, 0] = False
+    return {**case, "node_tokens": torch.where(replace, other, tokens)}
+
+
+def merged(cases: list[dict]) -> dict:
+    """One batch of the rows of `cases` (same rule and vocabulary), padded to the largest P, L and node count: rows
+    with fewer paths, shallower paths and fewer nodes. Padded node slots hold NaN distributions (never read)."""
+    num_paths = max(c["paths"].shape[1] for c in cases)
+    depth = max(c["paths"].shape[2] for c in cases)
+    slots = max(c["node_tokens"].shape[1] for c in cases)
+
+    def pad(t: torch.Tensor, shape: tuple[int, ...], value: float) -> torch.Tensor:
+        out = torch.full((t.shape[0], *shape), value, dtype=t.dtype)
+        out[(slice(None), *(slice(0, n) for n in t.shape[1:]))] = t
+        return out
+
+    vocab = cases[0]["target_probs"].shape[-1]
+    fields = dict(
+        paths=[pad(c["paths"], (num_paths, depth), -1) for c in cases],
+        node_tokens=[pad(c["node_tokens"], (slots,), vocab - 1) for c in cases],
+        target_probs=[pad(c["target_probs"], (slots, vocab), float("nan")) for c in cases],
+        accept_uniforms=[pad(c["accept_uniforms"], (num_paths, depth), 0.5) for c in cases],
+        sample_uniforms=[c["sample_uniforms"] for c in cases],
+    )
+    if cases[0]["draft_probs"] is not None:
+        fields["draft_probs"] = [pad(c["draft_probs"], (slots, vocab), float("nan")) for c in cases]
+    out = {name: torch.cat(parts) for name, parts in fields.items()}
+    return dict(rule=cases[0]["rule"], **{"draft_probs": None, **out})
+
+
+def near(value: float, generator: torch.Generator) -> float:
+    """`value`, or its floating-point neighbour below or above, in [0, 1)."""
+    choice = int(torch.randint(0, 3, (1,), generator=generator))
+    value = (value, math.nextafter(value, 0.0), math.nextafter(value, 1.0))[choice]
+    return min(max(value, 0.0), BELOW_ONE)
+
+
+def walk_nodes(paths: torch.Tensor, depth: int) -> list[int]:
+    """The nodes whose candidates sit at column `depth` (the root at depth 0)."""
+    return [0] if depth == 0 else sorted(set(paths[:, depth - 1].tolist()) - {-1})
+
+
+def at_accept_thresholds(case: dict, generator: torch.Generator) -> dict:
+    """Every accept uniform (float64) on or next to the accept probability of the candidate that reads it."""
+    uniforms = case["accept_uniforms"].double().clone()
+    rule, distinct = case["rule"], case["rule"] != "spectr"
+    for b in range(uniforms.shape[0]):
+        paths = case["paths"][b]
+        for depth in range(paths.shape[1]):
+            for node in walk_nodes(paths, depth):
+                candidates, path_index = candidates_at(paths, node, depth, distinct)
+                if len(candidates) == 0:
+                    continue
+                q = None if case["draft_probs"] is None else case["draft_probs"][b, node]
+                decision = NODE_RULES[rule](case["target_probs"][b, node], q, case["node_tokens"][b, candidates])
+                for k, accept in zip(path_index.tolist(), decision.accept_probs.tolist()):
+                    uniforms[b, k, depth] = near(accept, generator)
+    return {**case, "accept_uniforms": uniforms}
+
+
+def at_cdf_steps(case: dict, result: VerifyResult, generator: torch.Generator) -> dict:
+    """Every sample uniform (float64) on or next to a step of the CDF the reference draws the next token from (the
+    residual where the walk rejected, p at its last node otherwise); the walk itself does not depend on it."""
+    uniforms = case["sample_uniforms"].double().clone()
+    rule, paths = case["rule"], case["paths"]
+    for b in range(uniforms.shape[0]):
+        count = int(result.num_accepted[b])
+        node = int(result.accepted_nodes[b, count - 1]) if count else 0
+        candidates = torch.zeros(0, dtype=torch.long)
+        if count < paths.shape[2] and paths.shape[1] > 0:
+            candidates, _ = candidates_at(paths[b], node, count, rule != "spectr")
+        dist = case["target_probs"][b, node].double()
+        if len(candidates) > 0 and rule != "greedy":
+            decision = NODE_RULES[rule](dist, case["draft_probs"][b, node], case["node_tokens"][b, candidates])
+            dist = decision.residual
+        cdf = dist.cumsum(0)
+        if rule != "greedy" and cdf[-1] > 0:
+            step = int(torch.randint(0, len(cdf), (1,), generator=generator))
+            uniforms[b] = near(float(cdf[step] / cdf[-1]), generator)
+    return {**case, "sample_uniforms": uniforms}
+
+
+# ---------------------------------------------------------------- agreement with the reference
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_matches_reference_on_random_trees(rule):
+    """Random tries of 1-16 nodes (a different tree in every row, padded paths), p == q, one-hot p, zeros in q, and
+    in every other batch tokens not drawn from q (q(token) = 0, repeated sibling tokens); SpecTr paths are draws with
+    replacement (duplicates); vocabularies of 2 to 37 tokens. 2,400 trees per rule."""
+    generator = torch.Generator().manual_seed(100 + RULES.index(rule))
+    for vocab in (2, 3, 4, 5, 8, 37):
+        for round_ in range(25):
+            case = random_case(rule, batch=16, vocab=vocab, max_nodes=16, generator=generator)
+            check(with_any_tokens(case, generator) if round_ % 2 else case)
+
+
+@pytest.mark.parametrize("method", sorted(DRAFTERS))
+def test_matches_reference_on_drafted_trees(method):
+    """Trees grown by the drafters (chains, Gumbel top-k branches, stochastic beams, SpecTr sequence tries with
+    duplicate sequences), with q at nodes the draft never ran NaN, each verified by every rule."""
+    generator = torch.Generator().manual_seed(200 + sorted(DRAFTERS).index(method))
+    for vocab in (2, 3, 5, 8):
+        for _ in range(12):
+            case = drafted_case(method, batch=12, vocab=vocab, generator=generator)
+            for rule in RULES:
+                check(with_rule(case, rule))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_matches_reference_on_thresholds(rule):
+    """Accept uniforms on or one ulp off each candidate's accept probability, sample uniforms on the CDF's steps
+    (where a last-bit difference in a residual changes the token)."""
+    generator = torch.Generator().manual_seed(300 + RULES.index(rule))
+    methods = {"rrs": ("rsd-c", "rsd-s", "sd"), "spectr": ("spectr",), "greedy": ("rsd-c", "spectr")}[rule]
+    for round_ in range(36):
+        vocab = (2, 3, 4, 6)[round_ % 4]
+        case = random_case(rule, batch=8, vocab=vocab, max_nodes=12, generator=generator)
+        if round_ % 2:
+            case = with_rule(drafted_case(methods[round_ % len(methods)], batch=8, vocab=vocab, generator=generator), rule)
+        if round_ % 3 == 0:
+            case = with_any_tokens(case, generator)
+        case = at_accept_thresholds(case, generator)
+        expected = check(case)
+        check(at_cdf_steps(case, expected, generator))
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_matches_reference_on_mixed_rows(rule):
+    """Rows of different sizes in one batch: fewer paths, shallower paths, fewer node slots, empty rows (all paths
+    -1), padded with NaN distributions that must not be read."""
+    generator = torch.Generator().manual_seed(400 + RULES.index(rule))
+    for _ in range(20):
+        parts = [random_case(rule, batch=int(torch.randint(1, 4, (1,), generator=generator)), vocab=5,
+                             max_nodes=int(torch.randint(1, 14, (1,), generator=generator)), generator=generator)
+                 for _ in range(4)]
+        empty = {**parts[0], "paths": torch.full_like(parts[0]["paths"], -1)}
+        check(merged([*parts, empty]))
+
+
+def test_recursive_rejection_once_q_is_exhausted():
+    """The first candidates cover q's support and more follow (tokens not drawn from q): q_k sums to 0 and is kept
+    as it is (`_normalize`'s fallback), the later candidates have q_k(x) = 0, and the residual after them is sampled
+    on its CDF's steps."""
+    generator = torch.Generator().manual_seed(450)
+    batch, vocab, width = 64, 7, 4
+    p = (torch.randn(batch, width + 1, vocab, generator=generator) * 2).softmax(-1)
+    support = torch.randint(1, 3, (batch, 1, 1), generator=generator)
+    q = torch.rand(batch, width + 1, vocab, generator=generator) * (torch.arange(vocab) < support)
+    q /= q.sum(-1, keepdim=True)
+    # the root's children (nodes 1..4, tried in this order): q's support in random order, then other tokens
+    order = (torch.rand(batch, vocab, generator=generator) + (torch.arange(vocab) >= support[:, 0])).argsort(-1)
+    tokens = torch.cat([torch.zeros(batch, 1, dtype=torch.long), order[:, :width]], 1)
+    case = dict(rule="rrs", paths=torch.arange(1, width + 1).expand(batch, width)[..., None].contiguous(),
+                node_tokens=tokens, target_probs=p, draft_probs=q,
+                accept_uniforms=torch.full((batch, width, 1), BELOW_ONE), sample_uniforms=torch.rand(batch, generator=generator))
+    expected = check(case)
+    assert int((expected.num_accepted == 0).sum()) > batch // 2
+    check(at_cdf_steps(case, expected, generator))
+
+
+def test_matches_reference_on_a_large_vocabulary():
+    """Sums over 32k tokens (a blocked / vectorised reduction) still give the reference's decisions."""
+    generator = torch.Generator().manual_seed(500)
+    for rule in RULES:
+        case = at_accept_thresholds(random_case(rule, batch=3, vocab=32768, max_nodes=6, generator=generator), generator)
+        check(case)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_input_layouts_and_dtypes(rule):
+    """Distributions that are slices of larger buffers (as the loop's tree.draft_probs[:, :size]), float64 and
+    bfloat16 distributions, int32 paths and tokens, float64 uniforms."""
+    generator = torch.Generator().manual_seed(550)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        case = random_case(rule, batch=8, vocab=6, max_nodes=10, generator=generator)
+        batch, slots, vocab = case["target_probs"].shape
+        for name in ("target_probs", "draft_probs"):
+            if case[name] is not None:
+                buffer = torch.full((batch, slots + 3, vocab), float("nan"), dtype=dtype)
+                buffer[:, :slots] = case[name]
+                case[name] = buffer[:, :slots]
+        case = {**case, "paths": case["paths"].int(), "node_tokens": case["node_tokens"].int(),
+                "accept_uniforms": case["accept_uniforms"].double(), "sample_uniforms": case["sample_uniforms"].double()}
+        check(case)
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_empty_trees(rule):
+    """No draft (paths [B, 0, 0]), paths without depth ([B, P, 0]) or without paths ([B, 0, L]), an empty batch:
+    the next token comes from p at the root."""
+    generator = torch.Generator().manual_seed(600)
+    for batch, num_paths, depth in ((3, 0, 0), (3, 2, 0), (3, 0, 2), (0, 2, 2), (0, 0, 0)):
+        probs = torch.rand(batch, 3, 7, generator=generator).softmax(-1)
+        case = dict(rule=rule, paths=torch.full((batch, num_paths, depth), -1, dtype=torch.long),
+                    node_tokens=torch.randint(0, 7, (batch, 3), generator=generator), target_probs=probs,
+                    draft_probs=None if rule == "greedy" or num_paths == 0 else probs.flip(-1),
+                    accept_uniforms=torch.rand(batch, num_paths, depth, generator=generator),
+                    sample_uniforms=torch.rand(batch, generator=generator))
+        check(case)
+
+
+def test_spectr_rho_and_integer_power_are_the_reference_bits():
+    """The batched bisection returns the reference's rho* and beta bit for bit (the sample and accept thresholds
+    depend on them), and powers are the reference's repeated products."""
+    from hf_specdec.verification import integer_power, spectr_rho
+    from hf_specdec.verify_batched import _integer_power, _spectr_rho
+
+    generator = torch.Generator().manual_seed(460)
+    p, q = (t.double()[:, 0] for t in distributions(256, 1, 6, generator))
+    draws = torch.randint(0, 9, (256,), generator=generator)
+    rho, beta = _spectr_rho(p, q, draws, 8, torch.empty_like(p))
+    for b in range(256):
+        if draws[b] > 0:
+            assert (float(rho[b]), float(beta[b])) == spectr_rho(p[b], q[b], int(draws[b]))
+    base = torch.rand(256, generator=generator, dtype=torch.float64)
+    powers = _integer_power(base, draws, 8)
+    assert powers.tolist() == [integer_power(x, int(k)) for x, k in zip(base.tolist(), draws.tolist())]
+
+
+def test_argument_errors():
+    case = random_case("rrs", batch=2, vocab=5, max_nodes=4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="unknown verification rule"):
+        batched({**case, "rule": "typical"})
+    with pytest.raises(ValueError, match="needs draft_probs"):
+        batched({**case, "draft_probs": None})
+
+
+# ---------------------------------------------------------------- no host round trips
+
+
+SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_no_host_syncs(rule, monkeypatch):
+    """Nothing is read back to the host: no tensor method that copies a value to Python or to the CPU is called."""
+    generator = torch.Generator().manual_seed(700)
+    cases = [random_case(rule, batch=6, vocab=9, max_nodes=14, generator=generator) for _ in range(3)]
+    cases.append(drafted_case("spectr" if rule == "spectr" else "rsd-c", batch=6, vocab=9, generator=generator))
+    expected = [reference(with_rule(case, rule)) for case in cases]
+    calls = []
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in SYNCING_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    for name in ("unique", "nonzero", "unique_consecutive", "bincount"):
+        monkeypatch.setattr(torch, name, counting(f"torch.{name}", getattr(torch, name)))
+    results = [batched(with_rule(case, rule)) for case in cases]
+    monkeypatch.undo()
+    assert calls == []
+    for case, want, got in zip(cases, expected, results):
+        assert_same(want, got, with_rule(case, rule))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rule", RULES)
+def test_on_gpu_matches_reference_without_syncs(rule):
+    """On CUDA tensors: the result stays on the GPU, equals the reference's, and no call synchronises the device."""
+    generator = torch.Generator().manual_seed(800)
+    for vocab in (5, 49152):
+        case = random_case(rule, batch=8, vocab=vocab, max_nodes=16, generator=generator)
+        on_gpu = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in case.items()}
+        batched(on_gpu)  # warm-up (lazy CUDA initialisation may synchronise)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            found = batched(on_gpu)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert_same(reference(case), found, on_gpu)
