@@ -38,9 +38,11 @@ class SplitKV:
         return [tensor for layer in range(len(self.past)) for tensor in self.new[layer]]
 
 
-def split_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, split_kv: SplitKV = None, **kwargs):
+def split_kv_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, split_kv: SplitKV = None,
+                       softcap: float | None = None, **kwargs):
     """Attention of `query` [B, H, T, D] over the layer's past K/V and the new `key`/`value` [B, Hkv, T, D].
-    `attention_mask` is additive [B, 1, T, past + T]. Returns [B, T, H, D] as transformers' attention functions do."""
+    `attention_mask` is additive [B, 1, T, past + T]; `softcap` caps the scores as Gemma 2's eager attention does
+    (softcap * tanh(scores / softcap), before the mask). Returns [B, T, H, D] as transformers' attention functions do."""
     past_key, past_value = split_kv.past[module.layer_idx]
     split_kv.new[module.layer_idx] = (key, value)
     batch, heads, length, head_dim = query.shape
@@ -49,6 +51,8 @@ def split_kv_attention(module, query, key, value, attention_mask, scaling, dropo
     # query heads kv*groups .. kv*groups + groups-1 share K/V head kv: fold them into the row axis
     grouped = query.reshape(batch, kv_heads, groups * length, head_dim)
     scores = torch.cat([grouped @ past_key.transpose(-1, -2), grouped @ key.transpose(-1, -2)], -1) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.view(batch, kv_heads, groups, length, -1) + attention_mask[:, :, None]
     probs = scores.softmax(-1, dtype=torch.float32).to(query.dtype).view(batch, kv_heads, groups * length, -1)
     past_length = past_key.shape[2]

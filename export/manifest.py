@@ -11,6 +11,12 @@ Dimensions are named in the ONNX files and bounded here (`max_dims`): batch, new
 and its root, or a prefill chunk), kept (tokens that get logits, <= new), past (cache slots), past_plus_new.
 The graphs themselves accept any size; the bounds are what the export promises, what TensorRT optimization profiles are
 built for, and what the runtimes enforce.
+
+Attention masks: a graph takes one bool mask input per attention layer type its model has (`MASK_INPUTS`):
+`attention_mask` (full attention) and/or `sliding_attention_mask` (sliding-window layers; the entry's `sliding_window`
+is the window the runtime restricts that mask to). Entries of full-attention models have no `sliding_window` key, so
+their manifests read as before with older and newer hf-specdec alike; an older hf-specdec refuses a sliding-window
+export (an unknown field) rather than running it with the wrong mask.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ GENERATION_CONFIG_FILE = "generation_config.json"  # the target's generation def
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_SPECULATIVE_CONFIG = "rsd-s:w=3,d=4"
+# attention layer type -> the graph input holding its bool mask [batch, new, past_plus_new]
+MASK_INPUTS = {"full_attention": "attention_mask", "sliding_attention": "sliding_attention_mask"}
 
 
 class ManifestError(ValueError):
@@ -59,11 +67,27 @@ class ModelEntry:
     dtype: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    sliding_window: int | None = None  # window of the sliding-window layers (input `sliding_attention_mask`)
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelEntry":
         specs = {key: [TensorSpec(**spec) for spec in data[key]] for key in ("inputs", "outputs")}
         return cls(**{**data, **specs})
+
+    def mask_windows(self) -> dict[str, int | None]:
+        """Mask input name -> its window (None: full attention), for the mask inputs this graph has."""
+        windows = {"attention_mask": None, "sliding_attention_mask": self.sliding_window}
+        return {spec.name: windows[spec.name] for spec in self.inputs if spec.name in windows}
+
+    def check_masks(self, role: str, model_dir: Path) -> None:
+        names = [spec.name for spec in self.inputs]
+        has_sliding = MASK_INPUTS["sliding_attention"] in names
+        if not self.mask_windows() or has_sliding != (self.sliding_window is not None):
+            raise ManifestError(
+                f"the {role} in {model_dir / MANIFEST_FILE} has mask inputs {list(self.mask_windows())} and "
+                f"sliding_window {self.sliding_window}: a sliding-window graph needs both its window and a "
+                f"sliding_attention_mask input, every graph at least one mask; {reexport_hint(model_dir)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -85,7 +109,11 @@ class Manifest:
         return {"target": self.target, "draft": self.draft}[role]
 
     def save(self, model_dir: Path) -> None:
-        (Path(model_dir) / MANIFEST_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        data = asdict(self)
+        for role in ROLES:
+            if data[role]["sliding_window"] is None:
+                del data[role]["sliding_window"]  # full attention: the manifest of earlier versions, unchanged
+        (Path(model_dir) / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
     def load(cls, model_dir: "str | Path") -> "Manifest":
@@ -120,6 +148,7 @@ class Manifest:
                 f"{self.draft.vocab_size}: the draft must use the target's vocabulary; {reexport_hint(model_dir)}"
             )
         for role in ROLES:
+            self.entry(role).check_masks(role, model_dir)
             if not (model_dir / self.entry(role).file).is_file():
                 raise ManifestError(f"{model_dir / self.entry(role).file} ({role}) is missing; {reexport_hint(model_dir)}")
         if not (model_dir / GENERATION_CONFIG_FILE).is_file():

@@ -3,29 +3,57 @@
 Each model becomes one graph with the I/O of `hf_specdec.export.graph`: dynamic batch, new tokens and past length,
 plain ONNX ops only (opset 18; no ONNX Runtime contrib ops such as GroupQueryAttention, which TensorRT's parser
 rejects), weights as external data, checked with `onnx.checker`.
+
+Sliding-window models: the graph takes one bool mask per attention layer type the model has, `attention_mask` for
+full-attention layers and `sliding_attention_mask` for sliding-window layers (`manifest.MASK_INPUTS`), and hands each
+layer its own, as the PyTorch backend does. The runtime builds the windowed mask from the cache layout's positions
+(`hf_specdec.cache_layout.sliding_window_mask`, window in the manifest entry's `sliding_window`): Mistral / Phi-3 /
+Mixtral-style models (every layer windowed) have only `sliding_attention_mask`, Gemma 2/3 (`layer_types` mixing both)
+have both, full-attention models only `attention_mask` (their graphs and manifests are as before).
+
+The traced attention is `export_attention`: `graph.split_kv_attention`, plus Gemma 2's attention soft-capping, and
+found by layers that do not pass keyword arguments on (StableLM). Mixture-of-experts layers that dispatch through
+transformers' experts interface (Mixtral, Qwen3-MoE, ...) are traced with `dense_experts_forward`: every expert on
+every token, weighted by the routing (zero where not routed), which is plain batched MatMuls instead of the
+data-dependent expert loops / grouped matmuls torch.onnx.export cannot convert; it costs num_experts / top_k times the
+expert FLOPs, for no more weight reads once a step's tokens hit most experts anyway.
+
+`check_exportable` refuses, by family and before anything is traced or written (`UNSUPPORTED_FAMILIES`,
+length-dependent RoPE, MoE that does not dispatch, unknown attention layer types), what the graph cannot reproduce
+exactly, and then runs the model once through the export's attention against its own forward
+(`check_split_kv_matches`): a family this module does not know that does something the graph does not (attention
+sinks, a custom score transform, a layer outside the attention interface) is refused instead of exported with other
+outputs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import warnings
 from pathlib import Path
 
 import onnx
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from hf_specdec.backends.hf import sliding_windows
+from hf_specdec.backends.hf import sliding_windows, uses_alibi
+from hf_specdec.cache_layout import sliding_window_mask
 from hf_specdec.config import SpeculativeConfig
-from hf_specdec.export.graph import SplitKVDecoder, io_names, split_kv_attention_enabled
+from hf_specdec.export.graph import SplitKV, io_names, split_kv_attention
 from hf_specdec.export.manifest import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SPECULATIVE_CONFIG,
+    MASK_INPUTS,
     Manifest,
     ModelEntry,
     TensorSpec,
     sha256,
 )
+from hf_specdec.export.parity import max_logit_error
+from hf_specdec.rope import PlainDecodingRope
 
 OPSET = 18
 # sizes of the sample inputs traced: distinct and >= 2, so that no axis is specialised to a constant
@@ -43,41 +71,240 @@ def model_shape(model) -> dict[str, int]:
     }
 
 
+EXPORT_ATTENTION_NAME = "hf_specdec_split_kv_export"
+_ACTIVE_SPLIT_KV: list[SplitKV] = []  # the SplitKV of the forward being traced or probed
+
+
+def export_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, split_kv: SplitKV = None, **kwargs):
+    """`split_kv_attention`, also where a family's decoder layer does not pass the `split_kv` keyword on to its
+    attention (StableLM: the forward's SplitKV is then the one `MaskedSplitKVDecoder` is running)."""
+    split_kv = split_kv if split_kv is not None else _ACTIVE_SPLIT_KV[-1]
+    return split_kv_attention(module, query, key, value, attention_mask, scaling, dropout, split_kv=split_kv, **kwargs)
+
+
+AttentionInterface.register(EXPORT_ATTENTION_NAME, export_attention)
+
+
+EXPORT_EXPERTS_NAME = "hf_specdec_dense_experts"
+
+
+def dense_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    """Mixture-of-experts layers for the trace: every expert on every token, each token's output the sum of its
+    routed experts' outputs times their routing weights. The math of transformers' `batched_mm` experts (same weight
+    layouts, gates, biases and norms) without its per-token weight gathers or the default implementations'
+    data-dependent expert loops, so it traces to plain batched MatMuls. Exact up to rounding: experts a token is not
+    routed to contribute exact zeros (`where`, so not even an overflow in them can leak into the sum)."""
+    num_tokens, hidden_dim = hidden_states.shape
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    num_experts = up.shape[0]
+    every = hidden_states[None].expand(num_experts, num_tokens, hidden_dim)
+    projected = every @ (up if self.is_transposed else up.transpose(1, 2))  # [experts, tokens, (2 x) intermediate]
+    if self.has_bias:
+        projected = projected + (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[:, None]
+    flat = projected.reshape(num_experts * num_tokens, -1)
+    flat = self._apply_gate(flat) if self.has_gate else self.act_fn(flat)
+    projected = flat.view(num_experts, num_tokens, -1)
+    out = projected @ (self.down_proj if self.is_transposed else self.down_proj.transpose(1, 2))  # [experts, tokens, hidden]
+    if self.has_bias:
+        out = out + self.down_proj_bias[:, None]
+    if self.has_post_expert_norm:
+        out = self.post_expert_norm(out.reshape(num_experts * num_tokens, hidden_dim)).view(num_experts, num_tokens, hidden_dim)
+    routed = top_k_index[None] == torch.arange(num_experts, device=top_k_index.device)[:, None, None]  # [experts, tokens, k]
+    weights = torch.where(routed, top_k_weights[None], 0).sum(-1)[..., None]
+    out = torch.where(routed.any(-1)[..., None], out * weights, 0).sum(0)
+    return out.to(hidden_states.dtype)
+
+
+ALL_EXPERTS_FUNCTIONS.register(EXPORT_EXPERTS_NAME, dense_experts_forward)
+
+
+def experts_modules(model) -> list[torch.nn.Module]:
+    """The mixture-of-experts modules that dispatch on `config._experts_implementation` (transformers'
+    `use_experts_implementation`)."""
+    return [m for m in model.modules() if hasattr(m, "_is_expert_parallel") and hasattr(m, "has_gate") and hasattr(m, "config")]
+
+
+@contextlib.contextmanager
+def export_implementations(model):
+    """Run `model` with `export_attention` and `dense_experts_forward`, restoring its implementations afterwards."""
+    text_config = model.config.get_text_config()
+    experts_configs = list({id(m.config): m.config for m in experts_modules(model)}.values())
+    saved_attention = text_config._attn_implementation
+    saved_experts = [config._experts_implementation for config in experts_configs]
+    text_config._attn_implementation = EXPORT_ATTENTION_NAME
+    for config in experts_configs:
+        config._experts_implementation = EXPORT_EXPERTS_NAME
+    try:
+        yield
+    finally:
+        text_config._attn_implementation = saved_attention
+        for config, experts in zip(experts_configs, saved_experts):
+            config._experts_implementation = experts
+
+
+# config.model_type -> why the graph cannot run the family exactly; checked before any tracing
+UNSUPPORTED_FAMILIES = {
+    "falcon": "its attention calls scaled_dot_product_attention itself instead of going through transformers' "
+    "attention interface, so the export cannot give it the split past/new K/V attention (its trace fails)",
+    "gpt_oss": "its attention adds learned sinks (a per-head logit in every softmax denominator), which the exported "
+    "attention does not have",
+}
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def mask_layer_types(config) -> tuple[str, ...]:
+    """The attention layer types whose masks the graph takes, in input order (the layer types of `MASK_INPUTS`): the
+    masks `hf_specdec.backends.hf.HFBackend` gives the model (one tensor unless full and sliding layers are mixed)."""
+    if not sliding_windows(config):
+        return ("full_attention",)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and len(set(layer_types)) > 1:
+        return ("full_attention", "sliding_attention")
+    return ("sliding_attention",)
+
+
+PYTORCH_FIX = ("use the pytorch backend for this model (`hf-specdec generate --backend pytorch`, or "
+               "`model.generate(..., custom_generate=speculative_generate)`)")
+NO_BACKEND_FIX = "the pytorch backend refuses it too: no hf-specdec backend runs this model"
+
+
+def refuse(role: str, model, cause: str, fix: str = PYTORCH_FIX) -> ValueError:
+    family = model.config.get_text_config().model_type
+    return ValueError(f"the {role} ({type(model).__name__}, model type {family!r}) cannot be exported to ONNX: {cause}; {fix}")
+
+
 def check_exportable(model, role: str) -> None:
+    """Refuse, by name, a model whose exported graph would not give the model's own outputs (see the module doc)."""
     config = model.config.get_text_config()
     if model.dtype not in (torch.float32, torch.float16):
         raise ValueError(f"the {role} is {model.dtype}; export float32 or float16 weights, e.g. model.to(torch.float32)")
     if model.config.is_encoder_decoder:
         raise ValueError(f"the {role} is an encoder-decoder model; only decoder-only causal LMs can be exported")
-    if sliding_windows(config):
-        raise ValueError(
-            f"the {role} ({type(model).__name__}) uses sliding-window attention, which the ONNX export does not support "
-            "yet (its graph attends over every cached slot); use the pytorch backend for this model"
+    if config.model_type in UNSUPPORTED_FAMILIES:
+        raise refuse(role, model, UNSUPPORTED_FAMILIES[config.model_type])
+    experts = experts_modules(model)
+    if any(getattr(config, key, None) for key in MOE_CONFIG_KEYS) and not experts:
+        raise refuse(
+            role, model,
+            "its mixture-of-experts layers pick experts per token with data-dependent control flow that "
+            "torch.onnx.export cannot trace, and they do not dispatch through transformers' experts interface, "
+            "which the export uses to run every expert densely",
         )
-    for name in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if getattr(config, name, None):
-            raise ValueError(f"the {role} sets {name}, which the ONNX export does not support; use the pytorch backend")
+    if any(m._is_expert_parallel for m in experts):
+        raise refuse(role, model, "its experts are sharded for expert parallelism; load it on one device to export it")
+    if uses_alibi(config):
+        raise refuse(role, model, "it adds ALiBi position biases, which transformers builds from a 2D padding mask that "
+                     "cannot describe a draft tree", NO_BACKEND_FIX)
+    try:
+        sliding_windows(config)
+    except ValueError as error:
+        raise refuse(role, model, str(error), NO_BACKEND_FIX) from None
+    rope = PlainDecodingRope.for_model(model)
+    if rope is not None:
+        raise refuse(
+            role, model,
+            f"its rotary frequencies depend on the sequence length (rope {config.rope_parameters}), and the exported "
+            "graph fixes them at trace time",
+        )
+    check_split_kv_matches(model, role)
 
 
-def sample_inputs(model) -> tuple:
+PROBE_LENGTH = 8
+
+
+def check_split_kv_matches(model, role: str) -> None:
+    """The model on a short random sequence, once through the export's attention (the module that is traced, run in
+    PyTorch) and once through its own forward: they must agree to rounding. Catches what a family does inside
+    attention that the exported graph would silently leave out; costs two forwards of PROBE_LENGTH tokens."""
+    shape = model_shape(model)
+    layer_types = mask_layer_types(model.config.get_text_config())
+    window = sliding_windows(model.config.get_text_config()).get("sliding_attention")
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, shape["vocab_size"], (1, PROBE_LENGTH), generator=generator).to(model.device)
+    positions = torch.arange(PROBE_LENGTH, device=model.device)[None]
+    causal = torch.ones(1, PROBE_LENGTH, PROBE_LENGTH, dtype=torch.bool, device=model.device).tril()
+    masks = tuple(causal if t == "full_attention" else sliding_window_mask(causal, positions, positions, window)
+                  for t in layer_types)
+    empty = torch.zeros(1, shape["kv_heads"], 0, shape["head_dim"], dtype=model.dtype, device=model.device)
+    past = [(empty, empty) for _ in range(shape["num_layers"])]
+    with torch.no_grad():
+        reference = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits.float()
+        try:
+            with export_implementations(model):
+                logits = MaskedSplitKVDecoder(model, layer_types)(input_ids, positions, masks, positions[0], past)[0]
+        except KeyError:
+            raise refuse(
+                role, model,
+                "some of its layers do not compute attention through transformers' attention interface, so the "
+                "export cannot give them the split past/new K/V attention",
+            ) from None
+        except Exception as error:  # noqa: BLE001 - whatever breaks here would break (or bend) the export
+            raise refuse(role, model, f"it does not run with the export's attention ({type(error).__name__}: {error})") from error
+    error = max_logit_error(reference, logits)  # -inf (a reduced-vocabulary head) must match exactly
+    finite = reference[torch.isfinite(reference)]
+    tolerance = (1e-3 if model.dtype == torch.float32 else 3e-2) * (1 + float(finite.abs().max() if finite.numel() else 0))
+    if not error <= tolerance:
+        raise refuse(
+            role, model,
+            f"its logits through the export's attention differ from its own forward by {error:.3g} (tolerance "
+            f"{tolerance:.3g}): it does something inside attention that the exported graph does not reproduce",
+        )
+
+
+class MaskedSplitKVDecoder(torch.nn.Module):
+    """`hf_specdec.export.graph.SplitKVDecoder` with one bool mask per attention layer type (`layer_types`, the masks'
+    order in `masks`): a single tensor to the model when there is one, {layer type: mask} when layer types are mixed
+    (as `HFBackend` passes them). With ("full_attention",) it traces the same graph as `SplitKVDecoder`."""
+
+    def __init__(self, model, layer_types: tuple[str, ...]):
+        super().__init__()
+        self.model = model
+        self.layer_types = layer_types
+        self.logits_to_keep = model._supports_logits_to_keep()
+
+    def forward(self, input_ids, position_ids, masks, logits_index, past):
+        dtype = self.model.dtype
+        # eager-style attention adds the mask to the scores: 0 where attended, the dtype's minimum elsewhere
+        additive = [
+            torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)[:, None] for m in masks
+        ]
+        attention_mask = additive[0] if len(additive) == 1 else dict(zip(self.layer_types, additive))
+        split_kv = SplitKV(past)
+        _ACTIVE_SPLIT_KV.append(split_kv)
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                position_ids=position_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                split_kv=split_kv,
+                **({"logits_to_keep": logits_index} if self.logits_to_keep else {}),
+            )
+        finally:
+            _ACTIVE_SPLIT_KV.pop()
+        logits = out.logits if self.logits_to_keep else out.logits[:, logits_index]
+        return (logits.float(), *split_kv.flat_new())
+
+
+def sample_inputs(model, masks: int = 1) -> tuple:
     shape = model_shape(model)
     batch, new, past, kept = (SAMPLE_DIMS[k] for k in ("batch", "new", "past", "kept"))
     kv_shape = (batch, shape["kv_heads"], past, shape["head_dim"])
     return (
         torch.randint(0, shape["vocab_size"], (batch, new)),
         torch.arange(past, past + new).expand(batch, new).contiguous(),
-        torch.ones(batch, new, past + new, dtype=torch.bool),
+        tuple(torch.ones(batch, new, past + new, dtype=torch.bool) for _ in range(masks)),
         torch.arange(new - kept, new),
         [(torch.zeros(kv_shape, dtype=model.dtype), torch.zeros(kv_shape, dtype=model.dtype)) for _ in range(shape["num_layers"])],
     )
 
 
-def dynamic_shapes(num_layers: int) -> dict:
+def dynamic_shapes(num_layers: int, masks: int = 1) -> dict:
     kv = {0: "batch", 2: "past"}
     return {
         "input_ids": {0: "batch", 1: "new"},
         "position_ids": {0: "batch", 1: "new"},
-        "attention_mask": {0: "batch", 1: "new", 2: "past_plus_new"},
+        "masks": tuple({0: "batch", 1: "new", 2: "past_plus_new"} for _ in range(masks)),
         "logits_index": {0: "kept"},
         "past": [(kv, kv) for _ in range(num_layers)],
     }
@@ -93,18 +320,22 @@ def tensor_specs(values) -> list[TensorSpec]:
     return specs
 
 
-def export_model(model, path: Path, role: str, source: str) -> ModelEntry:
-    """Export one causal LM to `path` (+ `path`.data); return its manifest entry."""
-    check_exportable(model, role)
+def export_model(model, path: Path, role: str, source: str, checked: bool = False) -> ModelEntry:
+    """Export one causal LM to `path` (+ `path`.data); return its manifest entry. `checked`: `check_exportable` has
+    passed already."""
+    if not checked:
+        check_exportable(model, role)
     shape = model_shape(model)
-    input_names, output_names = io_names(shape["num_layers"])
-    with split_kv_attention_enabled(model), torch.no_grad(), warnings.catch_warnings():
+    config = model.config.get_text_config()
+    layer_types = mask_layer_types(config)
+    input_names, output_names = export_io_names(shape["num_layers"], layer_types)
+    with export_implementations(model), torch.no_grad(), warnings.catch_warnings():
         # the exporter warns that names given to axes it proves equal are merged, which is what is meant here
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(
-            SplitKVDecoder(model).eval(),
-            sample_inputs(model),
-            dynamic_shapes=dynamic_shapes(shape["num_layers"]),
+            MaskedSplitKVDecoder(model, layer_types).eval(),
+            sample_inputs(model, len(layer_types)),
+            dynamic_shapes=dynamic_shapes(shape["num_layers"], len(layer_types)),
             input_names=input_names,
             output_names=output_names,
             opset_version=OPSET,
@@ -122,8 +353,16 @@ def export_model(model, path: Path, role: str, source: str) -> ModelEntry:
         dtype=str(model.dtype).removeprefix("torch."),
         inputs=tensor_specs(graph.input),
         outputs=tensor_specs(graph.output),
+        sliding_window=sliding_windows(config).get("sliding_attention"),
         **shape,
     )
+
+
+def export_io_names(num_layers: int, layer_types: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """`graph.io_names` with `attention_mask` replaced by the mask input of every layer type in `layer_types`."""
+    inputs, outputs = io_names(num_layers)
+    at = inputs.index("attention_mask")
+    return inputs[:at] + [MASK_INPUTS[t] for t in layer_types] + inputs[at + 1:], outputs
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -160,11 +399,12 @@ def export_pair(
             f"--max-new-tokens {max_new_tokens}: raise --max-new-tokens or choose a smaller tree"
         )
     max_past = max_past or target.config.get_text_config().max_position_embeddings
+    models = {"target": target, "draft": draft}
+    for role, model in models.items():
+        check_exportable(model, role)  # both, before anything is traced or written
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = {
-        role: export_model(model, out_dir / f"{role}.onnx", role, sources[role])
-        for role, model in (("target", target), ("draft", draft))
-    }
+    entries = {role: export_model(model, out_dir / f"{role}.onnx", role, sources[role], checked=True)
+               for role, model in models.items()}
     saved = [Path(p) for p in tokenizer.save_pretrained(str(out_dir))]
     target.generation_config.save_pretrained(str(out_dir))
     pad = target.generation_config.pad_token_id
@@ -180,7 +420,8 @@ def export_pair(
         export={
             "exporter": "torch.onnx.export(dynamo=True, optimize=True)",
             "opset": OPSET,
-            "attention": "split past/new K/V, grouped query heads, additive float mask; eager math",
+            "attention": "split past/new K/V, grouped query heads, additive float mask (one per layer type: full, "
+            "sliding window); eager math",
             "sample_dims": SAMPLE_DIMS,
             "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "onnx", "onnxscript")},
         },

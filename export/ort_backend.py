@@ -8,6 +8,11 @@ the new tokens' K/V, bound to a small staging tensor, which is written into slot
 moves O(new) slots, never the whole cache. `keep` gathers the accepted slots within the same tensor. The only
 whole-cache copies are growth (capacity doubles, so O(log length) times per generate call) and `select_rows` (once per
 finished row). Zero-filling matters: masked slots are multiplied by probability 0, and 0 * NaN would be NaN.
+
+Masks: the graph takes one bool mask per attention layer type (`ModelEntry.mask_windows`): the loop's mask as it is
+for full-attention layers (`attention_mask`), and for sliding-window layers (`sliding_attention_mask`) that mask
+restricted to keys less than the window behind each query, by the position ids the loop passes for every slot
+(`key_positions`), with the PyTorch backend's `sliding_window_mask`.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from hf_specdec.cache_layout import sliding_window_mask
 from hf_specdec.export.manifest import GENERATION_CONFIG_FILE, Manifest, ManifestError, reexport_hint
 from hf_specdec.verification import verify_tree
 
@@ -42,6 +48,8 @@ class OrtBackend:
         self.device = torch.device(device)
         self.vocab_size = self.entry.vocab_size
         self.dtype = getattr(torch, self.entry.dtype)
+        self.mask_windows = self.entry.mask_windows()  # mask input name -> window (None: full attention)
+        self._check_known_inputs()
         self._open(threads)
         self.cache: torch.Tensor | None = None
         self.length = 0  # cache slots in use
@@ -66,6 +74,17 @@ class OrtBackend:
             f"the onnxruntime backend on {self.device} needs ONNX Runtime's CUDA provider "
             f"(available: {ort.get_available_providers()}): pip install onnxruntime-gpu, or use device='cpu'"
         )
+
+    def _check_known_inputs(self) -> None:
+        e = self.entry
+        known = {"input_ids", "position_ids", "logits_index", *self.mask_windows,
+                 *(f"past_{kind}_{layer}" for layer in range(e.num_layers) for kind in ("key", "value"))}
+        unknown = [spec.name for spec in e.inputs if spec.name not in known]
+        if unknown:
+            raise ManifestError(
+                f"the {self.role} graph in {self.model_dir} takes inputs {unknown} that this hf-specdec does not know "
+                f"how to feed: it comes from a newer export format; upgrade hf-specdec or {reexport_hint(self.model_dir)}"
+            )
 
     def _check_graph_io(self) -> None:
         found = [(v.name, list(v.shape)) for v in (*self.session.get_inputs(), *self.session.get_outputs())]
@@ -92,12 +111,13 @@ class OrtBackend:
             end = min(start + chunk, input_ids.shape[1])
             last = torch.tensor([end - start - 1], device=self.device)
             visible = self.length + end - start
-            self._run(input_ids[:, start:end], position_ids[:, start:end], attention_mask[:, start:end, :visible], last)
+            self._run(input_ids[:, start:end], position_ids[:, start:end], attention_mask[:, start:end, :visible],
+                      key_positions[:, :visible], last)
 
     def forward(self, input_ids, position_ids, attention_mask, key_positions) -> torch.Tensor:
         new = input_ids.shape[1]
         self._check_limit("new", new, f"this step scores {new} tokens (a draft tree and its root)")
-        return self._run(input_ids, position_ids, attention_mask, torch.arange(new, device=self.device))
+        return self._run(input_ids, position_ids, attention_mask, key_positions, torch.arange(new, device=self.device))
 
     def keep(self, start: int, source_slots: torch.Tensor) -> None:
         cache = self.cache
@@ -135,24 +155,33 @@ class OrtBackend:
         grown[:, :, :, :, : self.length] = self.cache[:, :, :, :, : self.length]
         self.cache = grown
 
-    def _run(self, input_ids, position_ids, attention_mask, logits_index) -> torch.Tensor:
+    def _graph_mask(self, mask: torch.Tensor, capacity: int) -> torch.Tensor:
+        """The graph's mask columns: every capacity slot (unused ones masked), then the new tokens."""
+        batch, new, columns = mask.shape
+        past = columns - new
+        graph_mask = mask.new_zeros(batch, new, capacity + new)
+        graph_mask[:, :, :past] = mask[:, :, :past]
+        graph_mask[:, :, capacity:] = mask[:, :, past:]
+        return graph_mask
+
+    def _run(self, input_ids, position_ids, attention_mask, key_positions, logits_index) -> torch.Tensor:
         batch, new = input_ids.shape
         past = self.length
         if attention_mask.shape[-1] != past + new:
             raise RuntimeError(f"mask covers {attention_mask.shape[-1]} slots, the cache holds {past} + {new} new")
         self._reserve(past + new)
         capacity = self.cache.shape[4]
-        # the graph's mask columns: every capacity slot (unused ones masked), then the new tokens
-        mask = attention_mask.new_zeros(batch, new, capacity + new)
-        mask[:, :, :past] = attention_mask[:, :, :past]
-        mask[:, :, capacity:] = attention_mask[:, :, past:]
+        masks = {}
+        for name, window in self.mask_windows.items():
+            mask = attention_mask if window is None else sliding_window_mask(attention_mask, position_ids, key_positions, window)
+            masks[name] = self._graph_mask(mask, capacity)
         e = self.entry
         new_kv = torch.empty(e.num_layers, 2, batch, e.kv_heads, new, e.head_dim, dtype=self.dtype, device=self.device)
         logits = torch.empty(batch, len(logits_index), self.vocab_size, dtype=torch.float32, device=self.device)
         inputs = {
             "input_ids": input_ids.contiguous(),
             "position_ids": position_ids.contiguous(),
-            "attention_mask": mask,
+            **masks,
             "logits_index": logits_index,
         }
         outputs = {"logits": logits}

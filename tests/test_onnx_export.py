@@ -156,12 +156,6 @@ def test_tree_beyond_the_export(exported):
         tree_logit_error(backend, backend, prompt, torch.ones_like(prompt), (39,))
 
 
-def test_export_refuses_sliding_window_models(tmp_path):
-    model = tiny_model("mistral")
-    with pytest.raises(ValueError, match="sliding-window attention"):
-        export_pair(model, model, word_tokenizer(64), tmp_path, {"target": "", "draft": ""})
-
-
 def test_export_refuses_a_tree_beyond_its_limit(tmp_path):
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="raise --max-new-tokens"):
