@@ -80,3 +80,16 @@ def test_onnxruntime_settings_run_on_the_exported_pair(tmp_path_factory):
     for r in records:  # greedy: every backend and method generates the same tokens
         assert r.accuracy == pytest.approx(1.0, abs=1e-5) and r.generated_tokens == 20
     assert records[0].speedup == 1.0
+
+
+def test_step_overhead_table(tmp_path):
+    """`hf-specdec bench --overhead`: every (vocabulary, batch, tree) cell is measured, forwards are subtracted."""
+    from hf_specdec.cli import main
+
+    path = tmp_path / "overhead.json"
+    assert main(["bench", "--overhead", "--vocabs", "512", "--batches", "1,2", "--max-new-tokens", "6",
+                 "--json", str(path)]) == 0
+    records = json.loads(path.read_text())
+    assert {(r["batch"], r["tree_size"]) for r in records} == {(b, t) for b in (1, 2) for t in (0, 4, 16, 32)}
+    for record in records:
+        assert record["steps"] > 0 and record["forward_ms_per_step"] > 0 and math.isfinite(record["overhead_ms_per_step"])

@@ -42,6 +42,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--csv", type=Path, help="write the table as CSV")
     parser.add_argument("--plot", type=Path, help="write the PNG grid (block efficiency, MBSU, token rate, accuracy vs budget)")
     parser.add_argument("--out", type=Path, help="directory for bench.json, bench.csv and bench.png")
+    parser.add_argument("--overhead", action="store_true",
+                        help="instead: the step overhead (ms per step outside the models' forwards) with near-free "
+                        "models (1 layer, hidden 64), by vocabulary, batch and tree size, against HF generate's per "
+                        "token; --batches, --vocabs, --device")
+    parser.add_argument("--batches", type=_csv_list(int), default=[1, 4, 16], help="with --overhead")
+    parser.add_argument("--vocabs", type=_csv_list(int), default=[49152, 128256], help="with --overhead")
+    parser.add_argument("--device", default="cpu", help="with --overhead: cpu or cuda")
 
 
 COLUMNS = ("backend", "method", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s", "speedup",
@@ -148,7 +155,24 @@ def load_export(args, target, draft, tokenizer):
     return load_onnxruntime_pair(args.model_dir)
 
 
+def run_overhead(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from hf_specdec.overhead import format_overhead, step_overhead
+
+    records = step_overhead(vocabs=args.vocabs, batches=args.batches, new_tokens=min(args.max_new_tokens, 32),
+                            device=args.device, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(format_overhead(records))
+    path = args.json or (args.out / "overhead.json" if args.out else None)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([asdict(r) for r in records], indent=1))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.overhead:
+        return run_overhead(args)
     from tqdm import tqdm
 
     from hf_specdec.bench import Bench, relate_to_plain, settings_for
