@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +171,10 @@ def speculative_generate(
                          generation_config.max_length)
     temperature = _sampling_temperature(generation_config)
     config = _resolve_config(speculative_config, model, draft_model, batch_size, input_ids.shape[1], temperature)
+    if config.method == "ar" and SpeculativeConfig.parse(speculative_config).method == "auto":
+        # nothing is predicted to beat plain decoding: run it, in transformers' own loop, so that auto costs nothing
+        return _plain_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
+                               speculative_streamer, model_kwargs)
     decoder = make_decoder(
         HFBackend(model, "target"),
         HFBackend(draft_model, "draft") if config.is_speculative else None,
@@ -195,3 +200,17 @@ def speculative_generate(
     return SpeculativeDecoderOnlyOutput(
         sequences=result.sequences, scores=result.scores, logits=result.logits, speculative_stats=result.stats
     )
+
+
+def _plain_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+    start = time.perf_counter()
+    out = model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                        generation_config=generation_config, synced_gpus=False, streamer=streamer, **model_kwargs)
+    if not generation_config.return_dict_in_generate:
+        return out
+    batch, steps = out.sequences.shape[0], out.sequences.shape[1] - input_ids.shape[1]
+    stats = SpeculativeStats(config="ar (plain generate, chosen by auto)", batch_size=batch, target_calls=steps,
+                             row_steps=batch * steps, generated_tokens=batch * steps,
+                             accepted_lengths=[[0] * steps for _ in range(batch)],
+                             time_total=time.perf_counter() - start)
+    return SpeculativeDecoderOnlyOutput(**{**out, "speculative_stats": stats})

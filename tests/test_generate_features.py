@@ -151,3 +151,24 @@ def test_auto_asks_the_planner_and_records_acceptance(pair, monkeypatch, tmp_pat
     assert len(recorded) == 1 and '"temperature": 0.0' in recorded[0]
     second = target.generate(prompt, do_sample=False, max_new_tokens=20, return_dict_in_generate=True, **speculative(draft, "auto"))
     assert torch.equal(second.sequences, first.sequences)
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_auto_runs_plain_generate_when_no_tree_pays(pair, monkeypatch, do_sample):
+    """When the planner predicts no tree beats plain decoding, `auto` runs transformers' own loop: the very same
+    tokens as plain generate, sampled ones included (same seed), and none of the speculative loop."""
+    import hf_specdec.planner
+    import hf_specdec.strategy
+    from hf_specdec.config import SpeculativeConfig
+
+    target, draft = pair
+    monkeypatch.setattr(hf_specdec.planner, "choose_config", lambda *args, **kwargs: SpeculativeConfig.ar())
+    monkeypatch.setattr(hf_specdec.strategy, "make_decoder", None)  # the speculative loop must not be built
+    prompt = torch.tensor([[1, 40, 41]])
+    torch.manual_seed(3)
+    reference = target.generate(prompt, do_sample=do_sample, max_new_tokens=20, pad_token_id=0)
+    torch.manual_seed(3)
+    out = target.generate(prompt, do_sample=do_sample, max_new_tokens=20, return_dict_in_generate=True,
+                          **speculative(draft, "auto"))
+    assert torch.equal(out.sequences, reference)
+    assert out.speculative_stats.config.startswith("ar (plain generate")
