@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
-from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_available
+from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_pays
 from hf_specdec.backends.hf import HFBackend, check_runnable
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.generation import make_decoder
@@ -187,8 +187,11 @@ def speculative_generate(
         # phase timings synchronise CUDA: only when the statistics are returned
         profile=generation_config.return_dict_in_generate,
     )
-    prepack = prepacking_available(model)
-    with packed_linears(model, prepack), packed_linears(draft_model, prepack and config.is_speculative):
+    # kernels chosen by measuring them here: the target scores the whole tree, the draft one level at a time
+    widths = config.level_widths()
+    pack_target = prepacking_pays(model, config.tree_size + 1)
+    pack_draft = config.is_speculative and prepacking_pays(draft_model, max(widths) if widths else 1)
+    with packed_linears(model, pack_target), packed_linears(draft_model, pack_draft):
         result = decoder.generate(input_ids, model_kwargs.get("attention_mask"))
     if config.is_speculative:
         from hf_specdec.planner import record_acceptance

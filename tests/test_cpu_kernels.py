@@ -53,8 +53,12 @@ def _lora_style_update(model, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["data +=", "data =", "load_state_dict", "no_grad in place", "module swap"])
-def test_weights_changed_between_calls_are_seen(how):
+def test_weights_changed_between_calls_are_seen(how, monkeypatch):
     """A packed copy never outlives its weight's values: after an update, speculative output still equals plain."""
+    import hf_specdec.strategy
+
+    # packed weights whatever they measure here
+    monkeypatch.setattr(hf_specdec.strategy, "prepacking_pays", lambda model, tokens: prepacking_available(model))
     target = tiny_model("llama", vocab_size=96, scale=0.3)
     target.generation_config.eos_token_id = None
     draft = perturbed_copy(target, noise=0.05)
@@ -89,3 +93,18 @@ def test_reduced_vocabulary_head_is_packed_and_keeps_its_minus_infinity():
     assert torch.equal(torch.isneginf(packed), torch.isneginf(reference))
     kept = torch.isfinite(reference)
     torch.testing.assert_close(packed[kept], reference[kept], atol=1e-5, rtol=1e-5)
+
+
+def test_prepacking_is_chosen_by_measuring_it(monkeypatch):
+    """Packed weights are used where they measure faster on this machine, and not where they measure slower."""
+    from hf_specdec.backends import cpu_kernels
+
+    model = tiny_model("llama", vocab_size=96)
+    monkeypatch.setattr(cpu_kernels, "_PAYS", {})
+    monkeypatch.setattr(cpu_kernels, "_time_forward", lambda m, tokens, packed: 1.0 if packed else 2.0)
+    assert cpu_kernels.prepacking_pays(model, 8)
+    monkeypatch.setattr(cpu_kernels, "_PAYS", {})
+    monkeypatch.setattr(cpu_kernels, "_time_forward", lambda m, tokens, packed: 1.0 if packed else 1.01)
+    assert not cpu_kernels.prepacking_pays(model, 8)
+    monkeypatch.setenv("HF_SPECDEC_PREPACK", "0")
+    assert not cpu_kernels.prepacking_pays(model, 8)

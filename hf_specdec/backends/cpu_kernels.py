@@ -37,6 +37,41 @@ def prepacking_available(model) -> bool:
     return prepacking_enabled() and model.device.type == "cpu" and model.dtype == torch.float32
 
 
+# below this gain a forward with packed weights is not worth their packing at every call
+PACKING_GAIN = 1.05
+_PAYS: dict[tuple, bool] = {}
+
+
+def prepacking_pays(model, tokens: int) -> bool:
+    """Whether a forward of `tokens` new tokens (a step's tree and its root) runs faster with packed weights on this
+    machine: measured, not assumed (it depends on the CPU: on one AMD EPYC packed GEMMs made a 5-token forward cost
+    what a 1-token one does; on an Intel Xeon with AMX they were slower at 4 tokens and faster from 8). Timed once per
+    model shape, token count and thread count in this process: the stock and the packed forward, interleaved."""
+    if not prepacking_available(model):
+        return False
+    key = (type(model).__name__, model.config.to_json_string(use_diff=False), tokens, torch.get_num_threads())
+    if key not in _PAYS:
+        _PAYS[key] = _time_forward(model, tokens, packed=False) > PACKING_GAIN * _time_forward(model, tokens, packed=True)
+    return _PAYS[key]
+
+
+def _time_forward(model, tokens: int, packed: bool, context: int = 64, repeats: int = 3) -> float:
+    import time
+
+    from transformers import DynamicCache
+
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context + tokens), device=model.device)
+    best = float("inf")
+    with torch.no_grad(), packed_linears(model, packed):
+        for _ in range(repeats + 1):  # the first run packs (or warms up)
+            cache = DynamicCache()
+            model(ids[:, :context], past_key_values=cache, use_cache=True)
+            start = time.perf_counter()
+            model(ids[:, context:], past_key_values=cache, use_cache=True)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def packed_weight(weight: torch.Tensor) -> torch.Tensor:
     """oneDNN's packed copy of a [out, in] weight."""
     with torch.no_grad():
