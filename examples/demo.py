@@ -1,4 +1,7 @@
-"""The main job on the embedded default pair: plain sampling vs RSD on the same prompts, and the speedup measured.
+"""The main job on the embedded default pair, measured honestly on this machine: on the same prompts, plain
+`generate`, HF assisted generation with the same draft, hf_specdec's loop without speculation (`ar`) and the
+speculative config (`auto` by default: the planner's pick, which is plain decoding itself when no tree pays here),
+each with tokens/s and its ratio to plain `generate`.
 
     python examples/demo.py [--config rsd-s:w=3,d=4] [--prompts 3] [--max-new-tokens 96]
 """
@@ -13,6 +16,7 @@ import torch
 from hf_specdec import speculative_generate
 from hf_specdec.data import heldout_prompts
 from hf_specdec.models import load_default_pair
+from hf_specdec.planner.calibration import cpu_name
 
 
 def main() -> None:
@@ -43,15 +47,22 @@ def main() -> None:
             outputs.append((out, tokenizer.decode(new, skip_special_tokens=True)))
         return tokens / seconds, outputs
 
-    # warm-up, which also runs the planner's one-time calibration for "auto"
+    # warm-up, which also runs the planner's one-time calibration for "auto" (and its first exploration)
     timed(custom_generate=speculative_generate, draft_model=draft, speculative_config=args.config, max_new_tokens=8)
-    plain_rate, _ = timed()
-    rsd_rate, outputs = timed(custom_generate=speculative_generate, draft_model=draft, speculative_config=args.config,
-                              return_dict_in_generate=True)
+    timed(max_new_tokens=8)
+    rows = {"plain generate": timed()[0]}
+    rows["HF assisted generation (same draft)"] = timed(assistant_model=draft)[0]
+    rows["hf_specdec loop, no speculation (ar)"] = timed(custom_generate=speculative_generate, speculative_config="ar")[0]
+    rate, outputs = timed(custom_generate=speculative_generate, draft_model=draft, speculative_config=args.config,
+                          return_dict_in_generate=True)
     for prompt, (out, text) in zip(prompts, outputs):
         print(f"--- {prompt.strip()[-80:]!r}\n{text}\n[{out.speculative_stats.summary()}]\n")
-    print(f"plain generate: {plain_rate:.1f} tokens/s | {outputs[0][0].speculative_stats.config}: {rsd_rate:.1f} tokens/s"
-          f" | speedup {rsd_rate / plain_rate:.2f}x (sampling at temperature 1, same prompts)")
+    rows[f"hf_specdec {args.config} (ran {outputs[0][0].speculative_stats.config})"] = rate
+    print(f"{len(prompts)} held-out prompts x {args.max_new_tokens} new tokens, sampling at temperature 1, on "
+          f"{cpu_name()}, {torch.get_num_threads()} threads:")
+    plain = rows["plain generate"]
+    for name, value in rows.items():
+        print(f"  {name:55s} {value:6.1f} tokens/s  {value / plain:.2f}x")
 
 
 if __name__ == "__main__":

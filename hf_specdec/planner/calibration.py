@@ -68,11 +68,15 @@ def device_name(device) -> str:
         return torch.cuda.get_device_name(device)
     from hf_specdec.backends.cpu_kernels import prepacking_enabled
 
-    model = next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
-                  if line.startswith("model name")), device.type)
     # timings depend on the thread count, and on the linear kernels the speculative loop uses
     kernels = ", prepacked linears" if prepacking_enabled() else ""
-    return f"{model} x{torch.get_num_threads()} threads{kernels}"
+    return f"{cpu_name()} x{torch.get_num_threads()} threads{kernels}"
+
+
+def cpu_name() -> str:
+    """The CPU model, as /proc/cpuinfo (and `lscpu`) names it."""
+    return next((line.split(":", 1)[1].strip() for line in _read_lines("/proc/cpuinfo")
+                 if line.startswith("model name")), "cpu")
 
 
 def _read_lines(path: str) -> list[str]:
