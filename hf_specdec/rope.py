@@ -17,6 +17,8 @@ at the end the module is left as plain decoding leaves it.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -49,6 +51,19 @@ def _state(module) -> dict:
 def _restore(module, state: dict) -> None:
     for name, value in state.items():
         setattr(module, name, value.clone() if isinstance(value, torch.Tensor) else value)
+
+
+@contextlib.contextmanager
+def state_preserved(model):
+    """Forwards that are not part of a generation (timing the kernels, calibrating the planner) leave the
+    length-dependent rotary modules as they found them: dynamic NTK would otherwise keep the measurement's length."""
+    modules = [m for m in model.modules() if length_dependent(m)]
+    states = [_state(m) for m in modules]
+    try:
+        yield
+    finally:
+        for module, state in zip(modules, states):
+            _restore(module, state)
 
 
 class _ModuleSchedule:

@@ -103,3 +103,18 @@ def test_dynamic_rope_state_carries_over_calls_as_in_plain_generate():
     out = generate(speculative, short_prompt, 10, custom_generate=speculative_generate, draft_model=draft,
                    speculative_config="rsd-s:w=3,d=4")
     assert torch.equal(out, reference)
+
+
+def test_measuring_forwards_leave_the_rotary_state(monkeypatch):
+    """Forwards outside generation (timing the kernels, the planner's calibration) run past the dynamic type's
+    max_position_embeddings; the module must be left as it was, or the next generation would start elsewhere."""
+    from hf_specdec.backends import cpu_kernels
+    from hf_specdec.planner.calibration import time_forward
+
+    model = rope_model("dynamic")
+    rotary = model.model.rotary_emb
+    before = rotary.inv_freq.clone(), rotary.max_seq_len_cached
+    monkeypatch.setattr(cpu_kernels, "_PAYS", {})
+    cpu_kernels._time_forward(model, 40, packed=False)
+    time_forward(model, batch=1, new_tokens=8, context=64)
+    assert torch.equal(rotary.inv_freq, before[0]) and rotary.max_seq_len_cached == before[1]

@@ -60,9 +60,11 @@ def _time_forward(model, tokens: int, packed: bool, context: int = 64, repeats: 
 
     from transformers import DynamicCache
 
+    from hf_specdec.rope import state_preserved
+
     ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context + tokens), device=model.device)
     best = float("inf")
-    with torch.no_grad(), packed_linears(model, packed):
+    with torch.no_grad(), packed_linears(model, packed), state_preserved(model):
         for _ in range(repeats + 1):  # the first run packs (or warms up)
             cache = DynamicCache()
             model(ids[:, :context], past_key_values=cache, use_cache=True)

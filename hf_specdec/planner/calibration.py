@@ -131,6 +131,7 @@ def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int 
     from transformers import DynamicCache
 
     from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_pays
+    from hf_specdec.rope import state_preserved
 
     config, device, dtype = model.config, model.device, model.dtype
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -147,7 +148,7 @@ def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int 
     mask = mask[None, None].expand(batch, 1, -1, -1)
     times = []
     # time the linear kernels the speculative loop runs this model with for this many tokens
-    with torch.inference_mode(), packed_linears(model, prepacking_pays(model, new_tokens)):
+    with torch.inference_mode(), packed_linears(model, prepacking_pays(model, new_tokens)), state_preserved(model):
         for _ in range(warmup + repeats):
             cache = DynamicCache(ddp_cache_data=[(past, past)] * config.num_hidden_layers)
             _synchronize(device)
