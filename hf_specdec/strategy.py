@@ -173,7 +173,7 @@ def speculative_generate(
     config = _resolve_config(speculative_config, model, draft_model, batch_size, input_ids.shape[1], temperature)
     if config.method == "ar" and SpeculativeConfig.parse(speculative_config).method == "auto":
         # nothing is predicted to beat plain decoding: run it, in transformers' own loop, so that auto costs nothing
-        return _plain_generate(model, input_ids, logits_processor, stopping_criteria, generation_config,
+        return _plain_generate(model, draft_model, input_ids, logits_processor, stopping_criteria, generation_config,
                                speculative_streamer, model_kwargs)
     decoder = make_decoder(
         HFBackend(model, "target"),
@@ -195,9 +195,14 @@ def speculative_generate(
         result = decoder.generate(input_ids, model_kwargs.get("attention_mask"))
     if config.is_speculative:
         from hf_specdec.planner import record_acceptance
+        from hf_specdec.planner.step_times import record_step_time
 
-        # what "auto" learns this pair's acceptance from
-        record_acceptance(model, draft_model, config, result.stats.block_efficiency, result.stats.row_steps, temperature)
+        # what "auto" learns from: this pair's acceptance, and what a step of this shape took here
+        stats = result.stats
+        record_acceptance(model, draft_model, config, stats.block_efficiency, stats.row_steps, temperature)
+        if stats.target_calls:
+            record_step_time(model, draft_model, str(config), (stats.time_total - stats.time_prefill) / stats.target_calls,
+                             batch_size)
     if not generation_config.return_dict_in_generate:
         return result.sequences
     return SpeculativeDecoderOnlyOutput(
@@ -205,13 +210,21 @@ def speculative_generate(
     )
 
 
-def _plain_generate(model, input_ids, logits_processor, stopping_criteria, generation_config, streamer, model_kwargs):
+def _plain_generate(model, draft_model, input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                    model_kwargs):
+    from hf_specdec.planner.step_times import PLAIN, record_step_time
+
     start = time.perf_counter()
     out = model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                         generation_config=generation_config, synced_gpus=False, streamer=streamer, **model_kwargs)
+    sequences = out if isinstance(out, torch.Tensor) else out.sequences
+    batch, steps = sequences.shape[0], sequences.shape[1] - input_ids.shape[1]
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    if steps:  # what plain decoding costs per token here, as a user runs it: auto compares trees with it
+        record_step_time(model, draft_model, PLAIN, (time.perf_counter() - start) / steps, batch)
     if not generation_config.return_dict_in_generate:
         return out
-    batch, steps = out.sequences.shape[0], out.sequences.shape[1] - input_ids.shape[1]
     stats = SpeculativeStats(config="ar (plain generate, chosen by auto)", batch_size=batch, target_calls=steps,
                              row_steps=batch * steps, generated_tokens=batch * steps,
                              accepted_lengths=[[0] * steps for _ in range(batch)],

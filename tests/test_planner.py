@@ -15,6 +15,7 @@ from hf_specdec.planner.acceptance import (
 )
 from hf_specdec.planner.planning import estimate_candidates, estimate_config, rank
 from hf_specdec.planner.shapes import shape_from_config
+from tiny_models import tiny_model
 from hf_specdec.planner.trees import accepted_node_children, default_candidates, draft_pass_tokens
 
 # 2 layers, hidden 8, 2 query heads and 1 KV head of dim 4, MLP 16, vocab 32; 2 sequences x 3 new tokens
@@ -305,3 +306,41 @@ def test_shipped_draft_is_modelled_with_its_reduced_head():
 
     draft = load_shape(str(DRAFT_DIR))
     assert (draft.num_layers, draft.hidden_size, draft.vocab_size) == (2, 576, 8192)
+
+
+def test_measured_step_times_correct_the_latency_model(tmp_path, monkeypatch):
+    """A shape measured slower than predicted is predicted as measured; unmeasured shapes take the median ratio;
+    the measured plain-generate token replaces the modelled one-token forward as the baseline."""
+    from hf_specdec.planner.planning import StepEstimate
+    from hf_specdec.planner.step_times import PLAIN, corrected
+
+    def estimate(config, seconds, efficiency):
+        return StepEstimate(batch=1, candidates=4, config=SpeculativeConfig.parse(config), block_efficiency=efficiency,
+                            target_seconds={"mlp": seconds}, draft_seconds=0.0, baseline_seconds=1.0)
+
+    estimates = [estimate("sd:l=3", 1.2, 2.0), estimate("rsd-s:w=2,d=3", 1.5, 2.4)]
+    assert [round(e.speedup, 3) for e in estimates] == [1.667, 1.6]
+    fixed = corrected(estimates, {"sd:l=3": 3.0, PLAIN: 1.5})
+    by_config = {str(e.config): e for e in fixed}
+    assert by_config["sd:l=3"].seconds == pytest.approx(3.0)
+    assert by_config["rsd-s:w=2,d=3"].seconds == pytest.approx(1.5 * 2.5)  # the median ratio 3.0 / 1.2
+    assert by_config["sd:l=3"].speedup == pytest.approx(2.0 * 1.5 / 3.0)
+    assert corrected(estimates, {}) == estimates
+
+
+def test_auto_learns_that_trees_do_not_pay_from_measured_steps(tmp_path, monkeypatch):
+    """Once a step was measured far slower than the latency model said, auto stops choosing trees."""
+    from hf_specdec.planner import Hardware, calibration, choose_config, record_acceptance
+    from hf_specdec.planner.step_times import PLAIN, record_step_time
+
+    monkeypatch.setenv("HF_SPECDEC_CACHE", str(tmp_path))
+    weight_bound = Hardware("weight-bound", matmul_flops=1e14, attention_flops=5e13, bandwidth=1e9,
+                            attention_bandwidth=1e9, kernel_overhead=0.0, overlap=True, dtype="float32")
+    monkeypatch.setattr(calibration, "calibrated_hardware", lambda model, **_: weight_bound)
+    target, draft = tiny_model("llama", vocab_size=96), tiny_model("llama", vocab_size=96, seed=2, num_hidden_layers=1)
+    record_acceptance(target, draft, "sd:l=4", 4.5, 100, 1.0)  # a draft that is nearly always right
+    chosen = choose_config(target, draft, batch_size=1, context_length=64, temperature=1.0)
+    assert chosen.is_speculative
+    record_step_time(target, draft, PLAIN, 0.01, 1)
+    record_step_time(target, draft, str(chosen), 0.05, 1)  # five plain tokens' time for one step
+    assert choose_config(target, draft, batch_size=1, context_length=64, temperature=1.0).method == "ar"

@@ -44,12 +44,15 @@ def choose_config(target_model, draft_model, batch_size: int, context_length: in
     """
     from hf_specdec.planner.acceptance import pair_acceptance
     from hf_specdec.planner.planning import rank
+    from hf_specdec.planner.step_times import corrected, measured_step_times
 
     from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT
 
     target, draft = _latency_model(target_model), _latency_model(draft_model)
     acceptance = pair_acceptance(target_model, draft_model, temperature)
     ranked = rank(target, batch_size, context_length, acceptance, draft, candidates)
+    # what steps really took here corrects the latency model (step_times.py)
+    ranked = corrected(ranked, measured_step_times(target_model, draft_model, batch_size))
     if acceptance is CONSERVATIVE_DEFAULT and ranked and ranked[0].speedup >= EXPLORE_ABOVE:
         # nothing measured for this pair yet: run the most promising tree once so that its statistics get recorded
         # (choosing `ar` here would never learn the pair's acceptance)
