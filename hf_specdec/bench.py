@@ -85,7 +85,7 @@ class Record:
         return record
 
 
-def settings_for(methods, budgets, temperatures, backends=("pytorch",)) -> list[Setting]:
+def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted_tokens=ASSISTED_TOKENS) -> list[Setting]:
     """Every (backend, temperature, method, shape) to measure. HF assisted generation exists on PyTorch only."""
     settings = []
     for backend in backends:
@@ -102,7 +102,7 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",)) -> list[
                     if backend != "pytorch":
                         continue
                     settings.append(Setting("hf-assisted", "hf-assisted:default", 20, temperature, 20))
-                    for tokens in ASSISTED_TOKENS:
+                    for tokens in assisted_tokens:
                         settings.append(Setting("hf-assisted", f"hf-assisted:n={tokens}", tokens, temperature, tokens, tokens))
                 elif method in ("sd", "spectr", "rsd-c", "rsd-s"):
                     for budget in budgets:

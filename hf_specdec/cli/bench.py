@@ -14,6 +14,11 @@ def _csv_list(kind):
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
+# the full run's sizes, and --quick's (where the user set none of them)
+FULL = {"prompts": 10, "max_new_tokens": 128, "budgets": [6, 10, 14, 21, 30]}
+QUICK = {"prompts": 3, "max_new_tokens": 64, "budgets": [6]}
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "bench",
@@ -32,16 +37,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--methods", type=_csv_list(str), default=["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s"],
                         help="ar (plain generate), ar-loop (plain decoding through hf_specdec's loop and kernels), "
                         "hf-assisted, sd, spectr, rsd-c, rsd-s")
-    parser.add_argument("--budgets", type=_csv_list(int), default=[6, 10, 14, 21, 30], help="draft tokens the target scores per step")
+    parser.add_argument("--budgets", type=_csv_list(int), default=FULL["budgets"], help="draft tokens the target scores per step")
     parser.add_argument("--temperatures", type=_csv_list(float), default=[1.0, 0.0], help="0 = greedy")
-    parser.add_argument("--prompts", type=int, default=10, help="held-out prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--prompts", type=int, default=FULL["prompts"], help="held-out prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=FULL["max_new_tokens"])
     parser.add_argument("--max-prompt-tokens", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the records (DESIGN §8 keys) to this file")
     parser.add_argument("--csv", type=Path, help="write the table as CSV")
     parser.add_argument("--plot", type=Path, help="write the PNG grid (block efficiency, MBSU, token rate, accuracy vs budget)")
     parser.add_argument("--out", type=Path, help="directory for bench.json, bench.csv and bench.png")
+    parser.add_argument("--quick", action="store_true",
+                        help="the newcomer's comparison in a few minutes: 3 prompts x 64 new tokens, budget 6, HF "
+                        "assisted at its default and num_assistant_tokens 3 (explicit options still apply)")
     parser.add_argument("--overhead", action="store_true",
                         help="instead: the step overhead (ms per step outside the models' forwards) with near-free "
                         "models (1 layer, hidden 64), by vocabulary, batch and tree size, against HF generate's per "
@@ -175,13 +183,19 @@ def run(args: argparse.Namespace) -> int:
         return run_overhead(args)
     from tqdm import tqdm
 
-    from hf_specdec.bench import Bench, relate_to_plain, settings_for
+    from hf_specdec.bench import ASSISTED_TOKENS, Bench, relate_to_plain, settings_for
     from hf_specdec.data import heldout_prompts
 
+    assisted_tokens = ASSISTED_TOKENS
+    if args.quick:
+        for name, value in QUICK.items():
+            if getattr(args, name) == FULL[name]:  # an option the user did not set
+                setattr(args, name, value)
+        assisted_tokens = (3,)
     methods = list(args.methods)
     if "ar" not in methods:
         methods.insert(0, "ar")  # speedup and accuracy are relative to plain generate
-    settings = settings_for(methods, args.budgets, args.temperatures, args.backends)
+    settings = settings_for(methods, args.budgets, args.temperatures, args.backends, assisted_tokens)
     target, draft, tokenizer = load_pair(args)
     exported = load_export(args, target, draft, tokenizer) if "onnxruntime" in args.backends else None
     bench = Bench(target, draft, tokenizer, heldout_prompts(args.prompts, tokenizer, args.max_prompt_tokens),
