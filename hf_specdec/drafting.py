@@ -1,8 +1,13 @@
 """Drafters: how each method grows its draft tree, one level per draft forward pass.
 
-Every drafter sees the draft's log-probabilities `logq` [B, n, V] at the frontier (the nodes added by the previous
-level; the root first) and adds the next level to a `DraftTree`. Sampling drafters record exactly the distribution
-they drew from (the verifier's q); greedy drafters (do_sample=False) take the draft's most likely tokens.
+Every drafter sees the draft's log-probabilities `logq` at the frontier (the nodes added by the previous level; the
+root first) and adds the next level to a `DraftTree`. Sampling drafters draw from exactly the distribution the loop
+records (the verifier's q); greedy drafters (do_sample=False) take the draft's most likely tokens.
+
+`logq` is either dense, [B, n, V] (entry v is token v), or compact, [B, n, C] with `token_ids` [B, n, C] naming the
+token of each entry (`compact_log_probs`): after a top-k warper q is zero outside a few dozen tokens, and the noise,
+the top-k and the beam bookkeeping then run on those C entries instead of the whole vocabulary. Entries of -inf (no
+mass) are never drawn, in either form.
 """
 
 from __future__ import annotations
@@ -12,13 +17,66 @@ from dataclasses import dataclass, field
 import torch
 
 from hf_specdec.config import SpeculativeConfig
+from hf_specdec.processors import top_entries
 from hf_specdec.trees import DraftTree
+
+_TOKEN_RANGE = 1 << 32  # above every token id: a (node, token) pair as one integer key
 
 
 def gumbel_like(x: torch.Tensor) -> torch.Tensor:
     """Standard Gumbel noise (uses the global torch RNG, so torch.manual_seed makes runs reproducible)."""
     uniform = torch.rand_like(x, dtype=torch.float32).clamp_(min=torch.finfo(torch.float32).tiny)
-    return -torch.log(-torch.log(uniform))
+    return uniform.log_().neg_().log_().neg_()
+
+
+def compact_log_probs(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """log q on the `capacity` highest processed scores of each node: (logq [..., C], their token ids [..., C]).
+
+    Where a node has at most `capacity` finite scores (its support after the logits processors, e.g. a top-k warper;
+    the other entries are -inf) this is log_softmax(scores) on them, every token of q's support included, and -inf on
+    the filling entries. Where it has more (more than capacity - k tokens tied at the top-k threshold, or a processor
+    that makes -inf finite again) q is restricted to its `capacity` most likely tokens and renormalised; the drafter
+    then samples from that distribution and the loop records that one, so verification stays exact."""
+    values, token_ids = top_entries(scores, capacity)
+    return values.log_softmax(-1), token_ids
+
+
+class DraftProbsBuffer:
+    """The draft tree's [B, N+1, V] q buffer, kept from step to step: all zero but what the last step recorded, which
+    the next step clears entry by entry, so that recording a compact q costs its support, not the vocabulary (and the
+    buffer is not mapped afresh, page by page, at every step). Nodes never recorded hold zeros."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.written: list[tuple[int, int, torch.Tensor | None]] = []  # node range, tokens (None: whole rows)
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero buffer of `like`'s shape, dtype and device (reused when they match)."""
+        buffer = self.buffer
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
+            self.buffer, self.written = torch.zeros_like(like), []
+            return self.buffer
+        for start, end, token_ids in self.written:
+            if token_ids is None:
+                buffer[:, start:end].zero_()
+            else:
+                buffer[:, start:end].scatter_(2, token_ids, 0.0)
+        self.written = []
+        return buffer
+
+    def record(self, start: int, end: int, logq: torch.Tensor, token_ids: torch.Tensor | None) -> None:
+        """q = exp(logq) of nodes start..end-1 (every row), dense [B, n, V] or compact with `token_ids` [B, n, C]."""
+        rows = self.buffer[:, start:end]
+        if token_ids is None:
+            rows.copy_(logq.exp())
+        else:
+            rows.scatter_(2, token_ids, logq.exp().to(rows.dtype))
+        self.written.append((start, end, token_ids))
+
+
+def _tokens(index: torch.Tensor, token_ids: torch.Tensor | None, dim: int) -> torch.Tensor:
+    """The tokens of entries `index` of a (dense or compact) logq along `dim`."""
+    return index if token_ids is None else token_ids.gather(dim, index)
 
 
 def shifted_gumbel(parent_gumbel: torch.Tensor, perturbed: torch.Tensor) -> torch.Tensor:
@@ -27,10 +85,10 @@ def shifted_gumbel(parent_gumbel: torch.Tensor, perturbed: torch.Tensor) -> torc
     perturbed [..., V] are phi + Gumbel(0); parent_gumbel [...] is the parent's (conditioned) Gumbel.
     Returns -log(exp(-G) - exp(-Z) + exp(-perturbed)) with Z = max(perturbed).
     """
-    top = perturbed.max(-1, keepdim=True).values
+    top = perturbed.amax(-1, keepdim=True)
     g = parent_gumbel.unsqueeze(-1)
-    v = g - perturbed + torch.log1p(-torch.exp(perturbed - top))
-    return g - v.clamp(min=0) - torch.log1p(torch.exp(-v.abs()))
+    v = (g - perturbed).add_((perturbed - top).exp_().neg_().log1p_())
+    return v.clamp(min=0).neg_().add_(g).sub_(v.abs().neg_().exp_().log1p_())
 
 
 class Drafter:
@@ -44,8 +102,10 @@ class Drafter:
         return DraftState()
 
     def expand(self, tree: DraftTree, state: DraftState, frontier: torch.Tensor, frontier_valid: torch.Tensor,
-               logq: torch.Tensor) -> torch.Tensor:
-        """Add the children of `frontier` [B, n] to `tree` (a level of static width); return their node indices."""
+               logq: torch.Tensor, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Add the children of `frontier` [B, n] to `tree` (a level of static width); return their node indices.
+        `logq`: log q at the frontier, dense [B, n, V] or compact [B, n, C] with `token_ids` [B, n, C] (see the
+        module docstring)."""
         raise NotImplementedError
 
     def max_paths(self) -> int:
@@ -68,23 +128,25 @@ class DraftState:
 class ChainDrafter(Drafter):
     """SD: one child per node, sampled from q (greedy: its argmax)."""
 
-    def expand(self, tree, state, frontier, frontier_valid, logq):
+    def expand(self, tree, state, frontier, frontier_valid, logq, token_ids=None):
         last = logq[:, 0]
         if self.greedy:
-            tokens = last.argmax(-1)
+            index = last.argmax(-1, keepdim=True)
         else:
-            tokens = torch.multinomial(last.exp(), 1).squeeze(-1)
-        return tree.add_level(frontier[:, :1], tokens[:, None], frontier_valid[:, :1])
+            index = torch.multinomial(last.exp(), 1)
+        tokens = _tokens(index, None if token_ids is None else token_ids[:, 0], 1)
+        return tree.add_level(frontier[:, :1], tokens, frontier_valid[:, :1])
 
 
 class BranchingDrafter(Drafter):
     """RSD-C: every frontier node gets the top b_l tokens of log q + Gumbel noise (without replacement, in Gumbel
     order); greedy: the top b_l tokens of q."""
 
-    def expand(self, tree, state, frontier, frontier_valid, logq):
+    def expand(self, tree, state, frontier, frontier_valid, logq, token_ids=None):
         width = self.config.branching[tree.depth]
-        keys = logq if self.greedy else logq + gumbel_like(logq)
-        values, tokens = keys.topk(min(width, keys.shape[-1]), dim=-1)
+        keys = logq if self.greedy else gumbel_like(logq).add_(logq)
+        values, index = keys.topk(min(width, keys.shape[-1]), dim=-1)
+        tokens = _tokens(index, token_ids, -1)
         valid = torch.isfinite(values) & frontier_valid[..., None]
         parents = frontier[..., None].expand_as(tokens)
         return tree.add_level(parents.flatten(1), tokens.flatten(1), valid.flatten(1))
@@ -102,16 +164,17 @@ class BeamDrafter(Drafter):
         batch, device = tree.tokens.shape[0], tree.tokens.device
         return DraftState(phi=torch.zeros(batch, 1, device=device), gumbel=torch.zeros(batch, 1, device=device))
 
-    def expand(self, tree, state, frontier, frontier_valid, logq):
+    def expand(self, tree, state, frontier, frontier_valid, logq, token_ids=None):
         phi = state.phi[..., None] + logq
         if self.greedy:
             keys = phi
         else:
-            keys = shifted_gumbel(state.gumbel, phi + gumbel_like(phi))
+            keys = shifted_gumbel(state.gumbel, gumbel_like(phi).add_(phi))
         keys = keys.masked_fill(~frontier_valid[..., None], float("-inf"))
-        vocab = logq.shape[-1]
+        width = logq.shape[-1]
         values, flat = keys.flatten(1).topk(min(self.config.beam_width, keys[0].numel()), dim=-1)
-        beam, tokens = flat // vocab, flat % vocab
+        beam = flat // width
+        tokens = flat % width if token_ids is None else token_ids.flatten(1).gather(1, flat)
         valid = torch.isfinite(values)
         state.phi = phi.flatten(1).gather(1, flat)
         state.gumbel = values
@@ -136,27 +199,32 @@ class SequencesDrafter(Drafter):
         k = self.config.num_sequences
         return DraftState(sequence_nodes=torch.zeros(batch, k, dtype=torch.long, device=device))
 
-    def expand(self, tree, state, frontier, frontier_valid, logq):
-        vocab = logq.shape[-1]
+    def expand(self, tree, state, frontier, frontier_valid, logq, token_ids=None):
+        width = logq.shape[-1]
         alive = state.sequence_nodes >= 0
         # the frontier column of each sequence's current node
         column = (state.sequence_nodes[..., None] == frontier[:, None, :]).to(torch.int8).argmax(-1)
-        seq_logq = logq.gather(1, column[..., None].expand(-1, -1, vocab))
+        entries = column[..., None].expand(-1, -1, width)
+        seq_logq = logq.gather(1, entries)
+        seq_ids = None if token_ids is None else token_ids.gather(1, entries)
         if not self.greedy:
-            tokens = torch.multinomial(seq_logq.flatten(0, 1).exp(), 1).view_as(column)
+            index = torch.multinomial(seq_logq.flatten(0, 1).exp(), 1).view_as(column)
+            tokens = _tokens(index[..., None], seq_ids, 2).squeeze(2)
             drawn = torch.ones_like(alive)
         elif tree.depth == 0:
-            values, top = logq[:, 0].topk(min(self.config.num_sequences, vocab), dim=-1)
+            values, top = logq[:, 0].topk(min(self.config.num_sequences, width), dim=-1)
+            top = _tokens(top, None if token_ids is None else token_ids[:, 0], 1)
             tokens = torch.zeros_like(column)
             tokens[:, : top.shape[1]] = top
             drawn = torch.zeros_like(alive)
             drawn[:, : top.shape[1]] = torch.isfinite(values)
         else:
-            tokens = seq_logq.argmax(-1)
+            tokens = _tokens(seq_logq.argmax(-1, keepdim=True), seq_ids, 2).squeeze(2)
             drawn = torch.ones_like(alive)
         alive &= drawn & frontier_valid.gather(1, column)
         # merge sequences with the same (parent, token) into one trie node: the slot of the first such sequence
-        key = torch.where(alive, state.sequence_nodes * vocab + tokens, -1 - torch.arange(alive.shape[1], device=alive.device))
+        key = torch.where(alive, state.sequence_nodes * _TOKEN_RANGE + tokens,
+                          -1 - torch.arange(alive.shape[1], device=alive.device))
         first = (key[:, :, None] == key[:, None, :]).to(torch.int8).argmax(-1)  # the first sequence with the same key
         is_first = (first == torch.arange(key.shape[1], device=key.device)) & alive
         nodes = tree.add_level(state.sequence_nodes.clamp(min=0), tokens, is_first)

@@ -25,7 +25,7 @@ from transformers.generation import stopping_criteria as sc
 from hf_specdec.backends.base import ModelBackend
 from hf_specdec.cache_layout import CacheLayout
 from hf_specdec.config import SpeculativeConfig
-from hf_specdec.drafting import make_drafter
+from hf_specdec.drafting import DraftProbsBuffer, compact_log_probs, make_drafter
 from hf_specdec.limits import check_step_fits
 from hf_specdec.processors import NodeScorer
 from hf_specdec.trees import DraftTree, compact_rows
@@ -352,6 +352,10 @@ class SpeculativeDecoder:
         batch = len(state.rows)
         layout = state.draft_layout
         draft_state = self.drafter.start(tree)
+        if tree.draft_probs is not None:  # q goes to a buffer kept between steps (zero but what this step records)
+            if getattr(self, "_draft_probs", None) is None:
+                self._draft_probs = DraftProbsBuffer()
+            tree.draft_probs = self._draft_probs.take(tree.draft_probs)
         # level 0: the pending inputs, the root last; its logits give q at the root
         state.draft_pending[:, 1] = root_tokens
         state.draft_pending_valid[:, 1] = True
@@ -366,9 +370,11 @@ class SpeculativeDecoder:
         frontier = torch.zeros(batch, 1, dtype=torch.long, device=root_tokens.device)
         frontier_valid = torch.ones(batch, 1, dtype=torch.bool, device=root_tokens.device)
         levels_run = 0
+        first = 0  # the frontier's nodes: first .. tree.size - 1
         for level in range(1, depth + 1):
-            logq = self._draft_log_probs(state, out, logits, tree, frontier)
-            new_nodes = self.drafter.expand(tree, draft_state, frontier, frontier_valid, logq)
+            logq, token_ids = self._draft_log_probs(state, out, logits, tree, frontier, first)
+            first = tree.size
+            new_nodes = self.drafter.expand(tree, draft_state, frontier, frontier_valid, logq, token_ids)
             if level == depth:
                 break
             new_valid = tree.valid.gather(1, new_nodes)
@@ -382,20 +388,32 @@ class SpeculativeDecoder:
             levels_run = level
         return DraftStep(self.drafter.paths(tree, draft_state), block_start, pending_slots, node_slots, levels_run)
 
-    def _draft_log_probs(self, state, out, logits: torch.Tensor, tree: DraftTree, nodes: torch.Tensor) -> torch.Tensor:
-        """log q at `nodes` [B, n] (one level): the draft's logits through the same processors as the target;
-        sampling drafters record q in the tree for the verifier."""
-        path_tokens = tree.path_tokens.gather(1, nodes[..., None].expand(-1, -1, tree.path_tokens.shape[-1]))
-        depths = [tree.depth] * nodes.shape[1]
-        scores = self.scorer(logits, out.sequences[state.rows], path_tokens, state.rows, state.host_lengths, depths)
+    def _draft_log_probs(self, state, out, logits: torch.Tensor, tree: DraftTree, nodes: torch.Tensor,
+                         first: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """log q at `nodes` [B, n] (one level: nodes first .. first + n - 1): the draft's logits through the same
+        processors as the target; sampling drafters record q in the tree for the verifier. When a top-k warper
+        bounds q's support, sampling works on that support only: returns compact log q [B, n, C] and its token ids
+        [B, n, C] (`compact_log_probs`, or, when the processors allow, `NodeScorer.on_top_logits`: processed on the
+        C highest logits only), else dense log q [B, n, V] and None."""
         vocab = self.target.vocab_size
-        if scores.shape[-1] != vocab:
-            raise ValueError(f"draft logits have {scores.shape[-1]} entries, the target's vocabulary {vocab}")
-        logq = scores.log_softmax(-1)
+        if logits.shape[-1] != vocab:
+            raise ValueError(f"draft logits have {logits.shape[-1]} entries, the target's vocabulary {vocab}")
+        capacity = None if tree.draft_probs is None else self.scorer.support_capacity(vocab)  # None: greedy, no top-k
+        top = None if capacity is None else self.scorer.on_top_logits(logits, state.rows, capacity)
+        if top is not None:
+            scores, token_ids = top
+            logq = scores.log_softmax(-1)
+        else:
+            path_tokens = tree.path_tokens.gather(1, nodes[..., None].expand(-1, -1, tree.path_tokens.shape[-1]))
+            depths = [tree.depth] * nodes.shape[1]
+            scores = self.scorer(logits, out.sequences[state.rows], path_tokens, state.rows, state.host_lengths, depths)
+            if capacity is None:
+                logq, token_ids = scores.log_softmax(-1), None
+            else:
+                logq, token_ids = compact_log_probs(scores, capacity)
         if tree.draft_probs is not None:
-            row_index = torch.arange(len(state.rows), device=nodes.device)[:, None]
-            tree.draft_probs[row_index, nodes] = logq.exp()
-        return logq
+            self._draft_probs.record(first, first + nodes.shape[1], logq, token_ids)
+        return logq, token_ids
 
     @staticmethod
     def _new_tokens(accepted_tokens, num_accepted, next_tokens) -> torch.Tensor:

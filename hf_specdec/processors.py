@@ -31,6 +31,48 @@ PREFIX_FREE = tuple(
     if hasattr(lp, name)
 )
 
+# room `NodeScorer.support_capacity` gives a top-k support beyond 2 k (for ties at the k-th score)
+SUPPORT_MARGIN = 32
+
+# processors that see a node's scores as a set of values (no token ids, no prefix, -inf stays -inf): once a top-k has
+# cut every score but the highest off, they give on those scores what they give on the whole vocabulary
+VALUE_ONLY = tuple(
+    getattr(lp, name)
+    for name in (
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "TopHLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "LogitNormalization",
+    )
+    if hasattr(lp, name)
+)
+
+_TOP_GROUP = 32  # entries per group of `top_entries`
+
+
+def top_entries(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k largest entries of each row of `x` [..., V] and their indices (in no particular order; ties broken
+    arbitrarily), as `x.topk(k, sorted=False)`, for k much smaller than V with less work. The vocabulary is split
+    into G = V / 32 groups (group j: entries j, G + j, 2G + j, ...; their maxima are one elementwise pass over 32
+    rows of G); the k groups with the largest maxima hold a top k (fewer than k groups have a maximum above the k-th
+    largest entry, and each holds every entry above it), and the top-k runs on those 32 k entries."""
+    vocab = x.shape[-1]
+    groups = vocab // _TOP_GROUP
+    if vocab % _TOP_GROUP or 8 * k * _TOP_GROUP > vocab:
+        return x.topk(min(k, vocab), dim=-1, sorted=False)
+    lead = x.shape[:-1]
+    grouped = x.unflatten(-1, (_TOP_GROUP, groups))  # [..., 32, G]: entry i * G + j at [i, j]
+    chosen = grouped.amax(-2).topk(k, dim=-1, sorted=False).indices  # [..., k] groups
+    candidates = grouped.gather(-1, chosen[..., None, :].expand(*lead, _TOP_GROUP, k)).flatten(-2)  # [..., 32 k]
+    values, index = candidates.topk(k, dim=-1, sorted=False)
+    return values, index // k * groups + chosen.gather(-1, index % k)
+
+
 # processors whose rows are not independent sequences (batch index semantics, extra model calls, state)
 UNSUPPORTED = tuple(
     getattr(lp, name)
@@ -76,6 +118,37 @@ class NodeScorer:
                     "independent sequences); remove it or use plain generate()"
                 )
         self.prefix_free = all(isinstance(p, PREFIX_FREE) for p in self.processors)
+
+    def support_capacity(self, vocab_size: int) -> int | None:
+        """A number of tokens that holds the support of every processed distribution, when a top-k warper bounds it
+        (its k plus room for ties at the threshold, see `drafting.compact_log_probs`); None when nothing bounds it."""
+        top_k = [p.top_k for p in self.processors if isinstance(p, lp.TopKLogitsWarper)]
+        if not top_k:
+            return None
+        return min(vocab_size, 2 * min(top_k) + SUPPORT_MARGIN)
+
+    def on_top_logits(self, logits: torch.Tensor, row_ids: torch.Tensor, capacity: int
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The processed scores of each node's `capacity` highest logits, processed on those entries only, and their
+        token ids ([B, n, C] each); None where the processors do not allow it. It does when they are all
+        `VALUE_ONLY` and only temperatures come before the first top-k warper: the top-k then keeps the same
+        tokens as on the whole vocabulary whenever they fit in `capacity` (ties at the k-th score may make more),
+        and what follows sees those (a top-p that cuts between tied scores keeps the ones its sort puts last, which
+        may be others here). The full pass of the processors over [B, n, V] becomes one top-k over the logits.
+        For the draft's q, whose exactness needs no more than recording what it samples from: where more tokens than
+        `capacity` tie, q is restricted to `capacity` of them (see `drafting.compact_log_probs`)."""
+        processors = self.processors
+        first_top_k = next((i for i, p in enumerate(processors) if isinstance(p, lp.TopKLogitsWarper)), None)
+        if first_top_k is None or not all(isinstance(p, VALUE_ONLY) for p in processors):
+            return None
+        if not all(isinstance(p, lp.TemperatureLogitsWarper) for p in processors[:first_top_k]):
+            return None
+        batch, width, vocab = logits.shape
+        values, token_ids = top_entries(logits, capacity)
+        flat = values.reshape(batch * width, -1)
+        rows = torch.arange(batch, device=logits.device).repeat_interleave(width)
+        dummy_ids = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=logits.device)
+        return self._apply(dummy_ids, flat, row_ids[rows]).view(batch, width, -1), token_ids
 
     def _apply(self, input_ids: torch.Tensor, scores: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         for processor in self.processors:

@@ -25,6 +25,15 @@ candidate at its node is rejected (the next token is drawn from the rule's resid
 formula is the reference's, in the same order and in float64, so equal uniforms give equal tokens; vocabulary sums
 run per row (the summation order of the backend's row reduction). Vocabulary-sized work runs in preallocated [B, V]
 buffers (on CPU, allocating them per operation costs more than the arithmetic).
+
+The compact path (`verify_tree_batched(compact=...)`, by default for the sampling rules on CPU tensors): after the
+logits processors (top-k, top-p, min-p) p and q are zero but on a few dozen tokens per node, and the work above is
+per vocabulary entry. `compact_vocabulary` keeps, per node, the union of the supports of p and q (one read of p and
+q that writes nothing vocabulary-sized, then work proportional to the supports; its width K + 1 is the one number
+read back to the host); on those few entries a step costs its number of tensor operations, so `_verify_everywhere`
+takes every node's decisions at once (RRS: Theta_k, q_k of every node, one step per candidate of the node with the
+most; SpecTr: one bisection for every node) and then walks one step per depth. Same formulas, same tokens (sums run
+over the support only: another summation order).
 """
 
 from __future__ import annotations
@@ -91,23 +100,35 @@ def _first_hit(hits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return hits.any(-1), first.clamp_(max=hits.shape[1] - 1)
 
 
-def _child_tables(paths: torch.Tensor, uniforms: torch.Tensor, node_tokens: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The RRS candidates of every node u = 0..N of every row at once: u's children on the paths (the entry after u
-    on a path; the root's: the first column), distinct, in increasing node index, each with the uniform of the first
-    path holding it. Returns nodes, tokens, uniforms [B, N+1, P] (the valid ones first) and counts [B, N+1]."""
+def _path_children(paths: torch.Tensor, uniforms: torch.Tensor, num_slots: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For every node u = 0..N and path k at once: the entry after u on path k (u's child on it; the root's: the
+    first column), whether there is one, and the uniform path k has there. Returns nodes (0 where invalid), valid
+    and uniforms, [B, N+1, P] each, in path order (SpecTr's candidates: one per path, duplicates included)."""
     batch, num_paths, depth = paths.shape
-    num_slots = node_tokens.shape[1]
     above = torch.cat([paths.new_zeros(batch, num_paths, 1), paths[:, :, :-1]], dim=2)  # the root above column 0
     slots = torch.arange(num_slots, device=paths.device)[None, :, None, None]
     match = (paths >= 0)[:, None] & (above[:, None] == slots)  # [B, N+1, P, L]: path k's entry at column d is below u
     column = match.to(torch.int8).argmax(-1, keepdim=True)  # a node lies once on a path: its child's column
     child = paths[:, None].expand(-1, num_slots, -1, -1).gather(3, column).squeeze(3)
     child_uniforms = uniforms[:, None].expand(-1, num_slots, -1, -1).gather(3, column).squeeze(3)
-    child, valid, child_uniforms = _distinct(child, match.any(-1), child_uniforms)
+    valid = match.any(-1)
+    return torch.where(valid, child, 0), valid, child_uniforms
+
+
+def _child_tables(paths: torch.Tensor, uniforms: torch.Tensor, node_tokens: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The RRS candidates of every node u = 0..N of every row at once: u's children on the paths (the entry after u
+    on a path; the root's: the first column), distinct, in increasing node index, each with the uniform of the first
+    path holding it. Returns nodes, tokens, uniforms [B, N+1, P] (the valid ones first) and counts [B, N+1]."""
+    child, valid, child_uniforms = _distinct(*_path_children(paths, uniforms, node_tokens.shape[1]))
     child = torch.where(valid, child, 0)
-    tokens = torch.where(valid, node_tokens.gather(1, child.flatten(1)).view_as(child), 0)
-    return child, tokens, child_uniforms, valid.sum(-1)
+    return child, _tokens_of(node_tokens, child, valid), child_uniforms, valid.sum(-1)
+
+
+def _tokens_of(node_tokens: torch.Tensor, nodes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """node_tokens [B, N+1] at `nodes` [B, ...] (0 where not `valid`)."""
+    return torch.where(valid, node_tokens.gather(1, nodes.flatten(1)).view_as(nodes), 0)
 
 
 def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
@@ -168,19 +189,19 @@ def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
 
 def _integer_power(base: torch.Tensor, exponent: torch.Tensor, max_exponent: int) -> torch.Tensor:
     """base ** exponent per row as repeated products (`integer_power`); factors past the exponent are 1 (exact)."""
-    factors = torch.where(torch.arange(max_exponent, device=base.device) < exponent[:, None], base[:, None], 1.0)
+    factors = torch.where(torch.arange(max_exponent, device=base.device) < exponent[..., None], base[..., None], 1.0)
     result = torch.ones_like(base)
     for step in range(max_exponent):
-        result.mul_(factors[:, step])
+        result.mul_(factors[..., step])
     return result
 
 
 def _spectr_rho(p: torch.Tensor, q: torch.Tensor, draws: torch.Tensor, max_draws: int, scratch: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`spectr_rho` for every row (p, q [B, V] float64, K = draws [B]): rho* and beta(rho*)."""
+    """`spectr_rho` for every row (p, q [..., V] float64, K = draws [...]): rho* and beta(rho*)."""
 
     def beta(rho: torch.Tensor) -> torch.Tensor:
-        torch.div(p, rho[:, None], out=scratch)
+        torch.div(p, rho[..., None], out=scratch)
         return torch.minimum(q, scratch, out=scratch).sum(-1)
 
     def feasible(rho: torch.Tensor) -> torch.Tensor:
@@ -270,10 +291,276 @@ def _walk_greedy(paths, node_tokens, target_probs, uniforms):
     return accepted_nodes, rejected, target_probs[rows, node].argmax(-1)
 
 
-def verify_tree_batched(inputs: VerifyInputs) -> VerifyResult:
-    """The verifier interface with every row walked at once on the inputs' device (no host syncs); the result is on
-    that device."""
+def _tree_parents(paths: torch.Tensor, num_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each node's parent (the entry before it on a path, the root for the first column; 0 for nodes on no path) and
+    whether it has children, [B, N+1] each, from `paths` [B, P, L] read as a tree."""
+    batch = paths.shape[0]
+    above = torch.cat([paths.new_zeros(batch, paths.shape[1], 1), paths[:, :, :-1]], dim=2).flatten(1)
+    valid = (paths >= 0).flatten(1)
+    nodes = torch.where(valid, paths.flatten(1), num_slots)  # invalid entries land in a scratch column
+    parents = paths.new_zeros(batch, num_slots + 1).scatter_(1, nodes, above)[:, :num_slots]
+    has_children = torch.zeros(batch, num_slots + 1, dtype=torch.bool, device=paths.device)
+    has_children.scatter_(1, torch.where(valid, above, num_slots), True)
+    return parents, has_children[:, :num_slots]
+
+
+_BITS = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+_BLOCK = 64  # tokens per block of the support search
+
+
+def _positive_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """[B, N+1, V / _BLOCK, _BLOCK] -> [B, N+1, V / _BLOCK]: whether each block holds an entry > 0. One pass that
+    writes nothing vocabulary-sized: the largest entry of each block, compared as an integer (the bits of an IEEE
+    float > 0, a positive NaN included, are the integers > 0)."""
+    if blocks.dtype.is_floating_point and blocks.element_size() in _BITS:
+        return blocks.view(_BITS[blocks.element_size()]).amax(-1) > 0
+    return (blocks > 0).any(-1)
+
+
+def _positive_entries(p: torch.Tensor, q: torch.Tensor | None, has_children: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b, node, token) [M] where p > 0, or q > 0 at a node with children, in increasing (b, node, token) order,
+    for [B, N+1, W] distributions with W a multiple of _BLOCK."""
+    batch, slots, width = p.shape
+    p = p.unflatten(-1, (width // _BLOCK, _BLOCK))
+    blocks = _positive_blocks(p)
+    if q is not None:
+        q = q.unflatten(-1, (width // _BLOCK, _BLOCK))
+        blocks |= _positive_blocks(q) & has_children[..., None]
+    b, u, block = torch.nonzero(blocks, as_tuple=True)
+    flat = (b * slots + u) * blocks.shape[-1] + block
+
+    def gather(probs: torch.Tensor) -> torch.Tensor:  # [M', _BLOCK]: the blocks found, copied whole
+        if probs.is_contiguous():
+            return probs.view(-1, _BLOCK).index_select(0, flat)
+        return probs[b, u, block]
+
+    entry = gather(p) > 0
+    if q is not None:
+        entry |= (gather(q) > 0) & has_children[b, u, None]
+    pair, offset = torch.nonzero(entry, as_tuple=True)
+    return b[pair], u[pair], block[pair] * _BLOCK + offset
+
+
+def _support_entries(p: torch.Tensor, q: torch.Tensor | None, has_children: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, tokens) [M]: the tokens where p > 0, or q > 0 at a node with children (q elsewhere is never read:
+    garbage there, as the loop leaves it, must not widen the support), row = b * (N+1) + node, in increasing row,
+    then token order. First the blocks of _BLOCK tokens that hold one, then the tokens in those blocks: beyond one
+    read of p and q, the work is proportional to the support, not to the vocabulary."""
+    slots, vocab = p.shape[1], p.shape[2]
+    whole = vocab - vocab % _BLOCK
+    b, u, tokens = _positive_entries(p[..., :whole], None if q is None else q[..., :whole], has_children)
+    rows = b * slots + u
+    if whole < vocab:  # the last tokens, fewer than a block: entry by entry, then merged in (a stable sort by row)
+        tail = p[..., whole:] > 0
+        if q is not None:
+            tail |= (q[..., whole:] > 0) & has_children[..., None]
+        tail_b, tail_u, tail_tokens = torch.nonzero(tail, as_tuple=True)
+        rows = torch.cat([rows, tail_b * slots + tail_u])
+        tokens = torch.cat([tokens, tail_tokens + whole])
+        rows, order = torch.sort(rows, stable=True)
+        tokens = tokens[order]
+    return rows, tokens
+
+
+class _Support:
+    """What compacting a verification problem needs, from one read back: the tokens where p > 0 or q > 0 of every
+    (row, node), as `rows`, `tokens` [M] (row = b * (N+1) + node) in increasing row, then token order, with `starts`
+    [B * (N+1)] the first entry of each row and `width` = the largest count + 1 (the compact vocabulary, a zero slot
+    included); each node's parent; and the candidate table of every node (`_path_children`, distinct for RRS) with
+    `steps`, the most candidates any node has."""
+
+    def __init__(self, inputs: VerifyInputs, paths: torch.Tensor):
+        batch, slots, vocab = inputs.target_probs.shape
+        device = paths.device
+        self.parents, has_children = _tree_parents(paths, slots)
+        table = _path_children(paths, inputs.accept_uniforms.to(device), slots)
+        if inputs.rule != "spectr":
+            table = _distinct(*table)
+            table = (torch.where(table[1], table[0], 0), *table[1:])
+        self.children, self.valid, self.uniforms = table
+        draft_probs = None if inputs.draft_probs is None else inputs.draft_probs.to(device)
+        # data-dependent sizes: on the host (CPU tensors) this costs no device round trip
+        self.rows, self.tokens = _support_entries(inputs.target_probs, draft_probs, has_children)
+        bounds = torch.searchsorted(self.rows, torch.arange(batch * slots + 1, device=device))
+        self.starts = bounds[:-1]
+        largest, self.steps = 0, 0
+        if batch * slots > 0:
+            largest, self.steps = torch.stack([bounds.diff().max(), self.valid.sum(-1).max()]).tolist()  # the read
+        self.width = largest + 1
+
+
+def compact_vocabulary(inputs: VerifyInputs, support: _Support | None = None) -> tuple[VerifyInputs, torch.Tensor]:
+    """The same verification problem on the union of the supports of p and q only: (inputs over V' = K + 1 entries,
+    token_ids [B, N+1, V']), where K is the largest support of any (row, node) (read back to the host once).
+
+    Entry j of node u's compact distributions is token `token_ids[b, u, j]`: u's support (p > 0, or q > 0 where u
+    has children) in increasing token order, then slots of token V - 1 with p = q = 0 (at least one). Every node's
+    token becomes its index in its parent's support (a token outside it: a zero slot, where p = q = 0 as at that
+    token). The verifier's decisions are unchanged: every elementwise formula maps zeros to zeros, a vocabulary sum
+    only loses zero terms, and the inverse-CDF draw over the compact distribution meets the same partial sums at the
+    same tokens (the last slot, token V - 1, is also where a draw that finds no step lands, as the clamp to V - 1
+    does). Only the summation order of the sums differs, which the numerics allow (`hf_specdec.verification`). The
+    next token of a result on these inputs is `token_ids[b, node, next_tokens[b]]` at the node it is drawn at (the
+    last accepted node, else the root): `expand_result`."""
+    device = inputs.target_probs.device
+    paths = inputs.paths.to(device=device, dtype=torch.long)
+    support = support or _Support(inputs, paths)
+    batch, slots, vocab = inputs.target_probs.shape
+    width = support.width
+    rows, tokens = support.rows, support.tokens
+    entry = rows * width + (torch.arange(len(rows), device=device) - support.starts[rows])
+    token_ids = torch.full((batch * slots * width,), vocab - 1, dtype=torch.long, device=device)
+    token_ids[entry] = tokens
+    token_ids = token_ids.view(batch, slots, width)
+    b, u = rows // slots, rows % slots
+
+    def compact(probs: torch.Tensor | None) -> torch.Tensor | None:
+        if probs is None:
+            return None
+        out = torch.zeros(batch * slots * width, dtype=torch.float64, device=device)
+        out[entry] = probs.to(device)[b, u, tokens].double()
+        return out.view(batch, slots, width)
+
+    # each node's token as an index into its parent's (sorted) support; not found: the last slot, a zero one
+    node_tokens = inputs.node_tokens.to(device).long()
+    parent_ids = token_ids.gather(1, support.parents[..., None].expand(-1, -1, width))
+    index = torch.searchsorted(parent_ids, node_tokens[..., None]).clamp_(max=width - 1)
+    found = parent_ids.gather(2, index) == node_tokens[..., None]
+    compact_tokens = torch.where(found, index, width - 1).squeeze(2)
+    compacted = VerifyInputs(inputs.rule, paths, compact_tokens, compact(inputs.target_probs),
+                             compact(inputs.draft_probs), inputs.accept_uniforms.to(device),
+                             inputs.sample_uniforms.to(device))
+    return compacted, token_ids
+
+
+def expand_result(result: VerifyResult, inputs: VerifyInputs, token_ids: torch.Tensor) -> VerifyResult:
+    """A result on `compact_vocabulary(inputs)` as a result on `inputs`: the next token mapped back to its token id
+    (through the compact vocabulary of the node it was drawn at), the accepted tokens read from `inputs`."""
+    accepted_nodes, num_accepted = result.accepted_nodes, result.num_accepted
+    last = accepted_nodes.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+    node = torch.where(num_accepted > 0, last, 0)
+    rows = torch.arange(len(node), device=node.device)
+    next_tokens = token_ids[rows, node].gather(1, result.next_tokens[:, None]).squeeze(1)
+    node_tokens = inputs.node_tokens.to(accepted_nodes.device)
+    accepted_tokens = torch.where(accepted_nodes >= 0, node_tokens.gather(1, accepted_nodes.clamp(min=0)), -1)
+    return VerifyResult(accepted_nodes, accepted_tokens, num_accepted, next_tokens)
+
+
+def _recursive_rejection_everywhere(p, q, tokens, valid, steps):
+    """RRS's decisions at every node at once: accept probabilities [B, N+1, steps] of each node's candidates (given
+    the earlier ones were rejected) and the residual [B, N+1, V] after all of them. Node u's Theta_k, q_k evolve as
+    in the walk, candidate by candidate, for every node in one step (they depend on the candidates, not on the
+    uniforms); a node past its last candidate keeps its Theta."""
+    theta, qk = p.clone(), q.clone()
+    rest = torch.empty_like(theta)
+    accept = torch.zeros(valid.shape, dtype=torch.float64, device=p.device)
+    for k in range(steps):
+        token, active = tokens[:, :, k, None], valid[:, :, k, None]
+        q_token, theta_token = qk.gather(2, token), theta.gather(2, token)
+        accept[:, :, k, None] = torch.where(q_token > 0, (theta_token / q_token).clamp(max=1.0), 0.0)
+        # rejected: Theta_{k+1} = norm((Theta_k - q_k)+) (kept where that sums to 0), q_{k+1} = norm(q_k without X_k)
+        torch.sub(theta, qk, out=rest).clamp_(min=0.0)
+        rest_total = rest.sum(-1, keepdim=True)
+        theta = torch.where(active & (rest_total > 0), rest.div_(rest_total), theta)
+        qk.scatter_(2, token, 0.0)  # a node past its candidates: q is not read any more
+        q_total = qk.sum(-1, keepdim=True)
+        qk.div_(torch.where(q_total > 0, q_total, 1.0))  # x / 1 == x: norm's fallback
+    return accept, theta
+
+
+def _spectr_everywhere(p, q, tokens, valid, num_paths):
+    """SpecTr K-SEQ's decisions at every node at once: the accept probability [B, N+1, P] of each draw at its node
+    and the node's residual [B, N+1, V] (p where beta <= 0 or the residual sums to 0)."""
+    draws = valid.sum(-1)
+    scratch = torch.empty_like(p)
+    rho, beta = _spectr_rho(p, q, draws, num_paths, scratch)
+    q_token, p_token = q.gather(2, tokens), p.gather(2, tokens)
+    ratio = torch.where(q_token > 0, p_token / (rho[..., None] * q_token).clamp(min=1e-300), 0.0)
+    scale = (1.0 - _integer_power(1.0 - beta, draws, num_paths)) / beta
+    torch.div(p, rho[..., None], out=scratch)
+    torch.minimum(q, scratch, out=scratch).mul_(scale[..., None])
+    rest = torch.sub(p, scratch, out=scratch).clamp_(min=0.0)
+    rest_total = rest.sum(-1, keepdim=True)
+    use_residual = (beta > 0)[..., None] & (rest_total > 0)
+    return ratio.clamp(max=1.0), torch.where(use_residual, rest.div_(rest_total), p)
+
+
+def _walk_decided(children, valid, uniforms, accept, depth):
+    """The walk once every node's decisions are known: at each depth, each row's first candidate (table order)
+    whose uniform is below its accept probability. Returns accepted_nodes [B, L], the last node and whether the row
+    stopped by rejecting every candidate there."""
+    batch = children.shape[0]
+    rows = torch.arange(batch, device=children.device)
+    node = torch.zeros(batch, dtype=torch.long, device=children.device)
+    walking = valid[:, 0].any(-1)
+    rejected = torch.zeros_like(walking)
+    accepted_nodes = torch.full((batch, depth), -1, dtype=torch.long, device=children.device)
+    hits_at = valid & (uniforms.double() < accept)  # [B, N+1, P]: candidate k of node u passes its test
+    for column in range(depth):
+        hit, first = _first_hit(hits_at[rows, node])
+        hit &= walking
+        chosen = children[rows, node, first]
+        rejected |= walking & ~hit
+        accepted_nodes[:, column] = torch.where(hit, chosen, -1)
+        node = torch.where(hit, chosen, node)
+        walking = hit & valid[rows, node].any(-1)
+    return accepted_nodes, node, rejected
+
+
+def _verify_everywhere(inputs: VerifyInputs, support: _Support) -> VerifyResult:
+    """The sampling rules with every node's decision computed at once, then one step per depth: for small (compact)
+    vocabularies, where a step's cost is its number of tensor operations. `support` gives the candidate tables and
+    the most candidates of a node (RRS's sequential steps). Same tokens as the walks above."""
+    p, q = inputs.target_probs, inputs.draft_probs
+    children, valid, uniforms = support.children, support.valid, support.uniforms
+    tokens = _tokens_of(inputs.node_tokens.long(), children, valid)
+    if inputs.rule == "spectr":
+        accept, residual = _spectr_everywhere(p, q, tokens, valid, inputs.paths.shape[1])
+    else:
+        steps = max(support.steps, 1)
+        children, valid, uniforms, tokens = (t[:, :, :steps] for t in (children, valid, uniforms, tokens))
+        accept, residual = _recursive_rejection_everywhere(p, q, tokens, valid, steps)
+    accepted_nodes, node, rejected = _walk_decided(children, valid, uniforms, accept, inputs.paths.shape[2])
+    rows = torch.arange(len(node), device=node.device)
+    next_dist = torch.where(rejected[:, None], residual[rows, node], p[rows, node])
+    num_accepted = (accepted_nodes >= 0).sum(-1)
+    next_tokens = sample_with_uniform(next_dist, inputs.sample_uniforms)
+    return VerifyResult(accepted_nodes, accepted_nodes.clamp(min=0), num_accepted, next_tokens)
+
+
+# compaction is considered from this vocabulary size on, and used when the compact vocabulary is at most this share
+COMPACT_MIN_VOCAB = 64
+COMPACT_MAX_SHARE = 0.5
+
+
+def _compaction_considered(inputs: VerifyInputs, compact: bool | None) -> bool:
+    if compact is False or inputs.rule == "greedy" or inputs.paths.shape[1] == 0 or inputs.paths.shape[2] == 0:
+        return False
+    if compact:
+        return True
+    return inputs.target_probs.device.type == "cpu" and inputs.target_probs.shape[-1] >= COMPACT_MIN_VOCAB
+
+
+def verify_tree_batched(inputs: VerifyInputs, compact: bool | None = None) -> VerifyResult:
+    """The verifier interface with every row walked at once on the inputs' device; the result is on that device.
+
+    `compact`: verify on the union of the supports of p and q instead of the vocabulary (`compact_vocabulary`, with
+    every node's decision computed at once: `_verify_everywhere`; the same tokens). None (default): for the
+    sampling rules on CPU tensors with a vocabulary of at least COMPACT_MIN_VOCAB, when the compact vocabulary is at
+    most COMPACT_MAX_SHARE of it; learning its size reads back one small tensor, the only read (elsewhere, e.g. on
+    CUDA, nothing is read back). True: always (sampling rules); False: never."""
     inputs.check()
+    if _compaction_considered(inputs, compact):
+        support = _Support(inputs, inputs.paths.to(device=inputs.target_probs.device, dtype=torch.long))
+        if compact or support.width <= COMPACT_MAX_SHARE * inputs.target_probs.shape[-1]:
+            compacted, token_ids = compact_vocabulary(inputs, support)
+            return expand_result(_verify_everywhere(compacted, support), inputs, token_ids)
+    return _verify(inputs)
+
+
+def _verify(inputs: VerifyInputs) -> VerifyResult:
     rule, paths, node_tokens, target_probs = inputs.rule, inputs.paths, inputs.node_tokens, inputs.target_probs
     draft_probs, accept_uniforms, sample_uniforms = inputs.draft_probs, inputs.accept_uniforms, inputs.sample_uniforms
     device = target_probs.device

@@ -132,3 +132,191 @@ def test_spectr_merges_sequences_into_a_trie():
     tree, drafter, state = draft_level("spectr:k=3,l=2", logq, greedy=False, levels=2)
     assert tree.valid[0, : tree.size].sum() == 3  # root + one node per level (the first sequence's slot)
     assert drafter.paths(tree, state)[0].tolist() == [[1, 4], [1, 4], [1, 4]]  # three draws through the same nodes
+
+
+# ---------------------------------------------------------------- drafting on q's support only
+
+
+def compact_form(logq: torch.Tensor, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A dense log q [..., V] as the compact form the loop hands the drafters: `width` entries per row, every finite
+    one among them, in a random order, the rest -inf on tokens outside the support."""
+    generator = torch.Generator().manual_seed(seed)
+    keys = torch.rand(logq.shape, generator=generator) + torch.isinf(logq)  # the support first, shuffled
+    token_ids = keys.argsort(-1)[..., :width]
+    return logq.gather(-1, token_ids), token_ids
+
+
+def draft_compact(config: str, logq: torch.Tensor, width: int, greedy: bool = False, levels: int = 1):
+    """`draft_level` with compact inputs (the same compact form at every node)."""
+    config = SpeculativeConfig.parse(config)
+    batch = logq.shape[0]
+    small, token_ids = compact_form(logq, width)
+    tree = DraftTree(torch.zeros(batch, dtype=torch.long), capacity=config.tree_size, max_depth=config.depth)
+    drafter = make_drafter(config, greedy)
+    state = drafter.start(tree)
+    frontier = torch.zeros(batch, 1, dtype=torch.long)
+    frontier_valid = torch.ones(batch, 1, dtype=torch.bool)
+    for _ in range(levels):
+        n = frontier.shape[1]
+        nodes = drafter.expand(tree, state, frontier, frontier_valid, small[:, None].expand(-1, n, -1),
+                               token_ids[:, None].expand(-1, n, -1))
+        frontier, frontier_valid = nodes, tree.valid.gather(1, nodes)
+    return tree, drafter, state
+
+
+def frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Relative frequency of each row of `tokens` [rows, k] as a tuple, over vocab^k cells."""
+    index = torch.zeros(tokens.shape[0], dtype=torch.long)
+    for column in range(tokens.shape[1]):
+        index = index * vocab + tokens[:, column]
+    return torch.bincount(index, minlength=vocab ** tokens.shape[1]).double() / tokens.shape[0]
+
+
+def assert_same_distribution(a: torch.Tensor, b: torch.Tensor, rows: int):
+    """Two empirical distributions over the same cells from `rows` samples each: within 5 sigma per cell."""
+    spread = 5 * ((a + b) / rows).sqrt() + 1e-3
+    assert ((a - b).abs() <= spread).all(), (a - b).abs().max()
+
+
+def test_gumbel_top_k_on_the_support_draws_without_replacement_from_q():
+    q = torch.tensor([0.4, 0.3, 0.2, 0.1, 0.0, 0.0])
+    rows = 40000
+    tree, _, _ = draft_compact("rsd-c:b=2", q.log().expand(rows, -1), width=5)
+    first, second = tree.tokens[:, 1], tree.tokens[:, 2]
+    assert tree.valid[:, 1:3].all() and (first != second).all() and (first < 4).all() and (second < 4).all()
+    observed = frequencies(torch.stack([first, second], 1), 6).view(6, 6)
+    for a, b in itertools.permutations(range(4), 2):
+        expected = float(q[a] * q[b] / (1 - q[a]))
+        assert abs(observed[a, b] - expected) < 4 * (expected / rows) ** 0.5 + 1e-3
+
+
+def test_branching_on_the_support_stops_at_its_end():
+    q = torch.tensor([0.5, 0.5, 0.0, 0.0, 0.0])
+    tree, _, _ = draft_compact("rsd-c:b=3", q.log().expand(4, -1), width=4)
+    assert tree.size == 4 and tree.valid[:, 1:3].all() and not tree.valid[:, 3].any()
+    assert sorted(tree.tokens[0, 1:3].tolist()) == [0, 1]
+
+
+def test_stochastic_beams_on_the_support_follow_the_dense_distribution():
+    """RSD-S on the compact form draws the same two-level beams (in distribution) as on the dense log q."""
+    rows = 30000
+    q = torch.tensor([0.35, 0.25, 0.2, 0.15, 0.05, 0.0, 0.0])
+    logq = q.log().expand(rows, -1)
+    torch.manual_seed(1)
+    dense_tree, _, _ = draft_level("rsd-s:w=2,d=2", logq, greedy=False, levels=2)
+    torch.manual_seed(2)
+    small_tree, _, _ = draft_compact("rsd-s:w=2,d=2", logq, width=6, levels=2)
+    for tree in (dense_tree, small_tree):
+        assert tree.valid[:, 1:5].all() and (tree.tokens[:, 1:5] < 5).all()
+    for nodes in ([1, 2], [3, 4]):
+        dense_cells = frequencies(dense_tree.path_tokens[:, nodes].flatten(1), 7)
+        small_cells = frequencies(small_tree.path_tokens[:, nodes].flatten(1), 7)
+        assert_same_distribution(dense_cells, small_cells, rows)
+
+
+def test_chains_and_sequences_on_the_support_sample_q():
+    """SD's multinomial and SpecTr's i.i.d. sequences on the compact form draw tokens with q's probabilities; SpecTr
+    merges sequences on the tokens (not on their compact index)."""
+    rows = 40000
+    q = torch.tensor([0.5, 0.0, 0.3, 0.0, 0.2])
+    tree, _, _ = draft_compact("sd:l=1", q.log().expand(rows, -1), width=4)
+    assert_same_distribution(frequencies(tree.tokens[:, 1:2], 5), q.double(), rows)
+    tree, drafter, state = draft_compact("spectr:k=3,l=1", q.log().expand(rows, -1), width=3)
+    paths = drafter.paths(tree, state)
+    drawn = tree.tokens.gather(1, paths[:, :, 0])  # the token of each sequence's node
+    assert_same_distribution(frequencies(drawn[:, :1], 5), q.double(), rows)
+    distinct_tokens = drawn.sort(1).values.diff(dim=1).ne(0).sum(1) + 1
+    assert torch.equal(tree.valid[:, 1:4].sum(1), distinct_tokens)  # one node per distinct first token
+
+
+def test_greedy_drafters_on_the_support_take_the_dense_choices():
+    logq = torch.tensor([[0.12, 0.5, 0.0, 0.3, 0.08]]).log()
+    # (beams: one level, as two share the same q at every node, (a, b) and (b, a) tie at the next)
+    for config, levels in (("sd:l=2", 2), ("rsd-c:b=2-1", 2), ("rsd-s:w=3,d=2", 1), ("spectr:k=2,l=2", 2)):
+        dense_tree, _, _ = draft_level(config, logq, greedy=True, levels=levels)
+        small_tree, _, _ = draft_compact(config, logq, width=4, greedy=True, levels=levels)
+        size = dense_tree.size
+        assert dense_tree.tokens[:, :size].tolist() == small_tree.tokens[:, :size].tolist(), config
+        assert dense_tree.valid[:, :size].tolist() == small_tree.valid[:, :size].tolist(), config
+
+
+def test_compact_log_probs_is_log_softmax_on_the_support():
+    from hf_specdec.drafting import compact_log_probs
+
+    scores = torch.full((2, 3, 300), float("-inf"))
+    support = torch.rand(2, 3, 300).argsort(-1)[..., :40]
+    scores.scatter_(-1, support, torch.randn(2, 3, 40) * 3)
+    logq, token_ids = compact_log_probs(scores, 64)
+    dense = scores.log_softmax(-1)
+    assert torch.allclose(logq, dense.gather(-1, token_ids), atol=1e-6)
+    finite = torch.isfinite(logq)
+    assert (finite.sum(-1) == 40).all() and torch.equal(finite, torch.isfinite(dense.gather(-1, token_ids)))
+    # more finite scores than room: q restricted to the most likely `capacity` tokens, renormalised
+    logq, token_ids = compact_log_probs(torch.randn(2, 300), 16)
+    assert torch.allclose(logq.exp().sum(-1), torch.ones(2)) and torch.isfinite(logq).all()
+
+
+def test_on_top_logits_processes_as_the_whole_vocabulary():
+    """Temperature, top-k then top-p / min-p on the highest logits only: the same scores on q's support as the
+    processors on the whole vocabulary (ties at the k-th logit included; top-p breaks ties at its threshold by sort
+    order, so it gets logits without ties), and -inf elsewhere; None for processors that read token ids or turn
+    -inf finite."""
+    from transformers.generation import logits_process as lp
+
+    from hf_specdec.processors import NodeScorer
+
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(3, 4, 4096, generator=generator) * 4
+    tied = (logits * 2).round() / 2
+    rows = torch.arange(3)
+    lists = [
+        ([lp.TopKLogitsWarper(50)], tied),
+        ([lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(20)], tied),
+        ([lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(20), lp.TopPLogitsWarper(0.9)], logits),
+        ([lp.TopKLogitsWarper(30), lp.MinPLogitsWarper(0.1), lp.TemperatureLogitsWarper(1.3)], logits),
+    ]
+    for processors, logits in lists:
+        scorer = NodeScorer(lp.LogitsProcessorList(processors))
+        capacity = scorer.support_capacity(4096)
+        scores, token_ids = scorer.on_top_logits(logits, rows, capacity)
+        dense = scorer(logits, None, None, rows, [0, 0, 0], [0] * 4)
+        finite = torch.isfinite(dense)
+        assert (finite.sum(-1) <= capacity).all()
+        assert torch.equal(scores, dense.gather(-1, token_ids))
+        assert (torch.isfinite(scores).sum(-1) == finite.sum(-1)).all()
+    for processors in ([lp.RepetitionPenaltyLogitsProcessor(1.2), lp.TopKLogitsWarper(5)],
+                       [lp.TopPLogitsWarper(0.9), lp.TopKLogitsWarper(5)],
+                       [lp.TopKLogitsWarper(5), lp.InfNanRemoveLogitsProcessor()], [lp.TopPLogitsWarper(0.9)]):
+        scorer = NodeScorer(lp.LogitsProcessorList(processors))
+        assert scorer.on_top_logits(logits, rows, 64) is None
+    assert NodeScorer(lp.LogitsProcessorList([lp.TopPLogitsWarper(0.9)])).support_capacity(4096) is None
+
+
+def test_top_entries_is_a_top_k():
+    from hf_specdec.processors import top_entries
+
+    generator = torch.Generator().manual_seed(6)
+    for vocab, k in ((49152, 132), (32000, 50), (4096, 10), (1000, 7), (50257, 100)):
+        x = (torch.randn(2, 3, vocab, generator=generator) * 3).round()  # ties
+        x[0, 0, ::3] = float("-inf")
+        values, index = top_entries(x, k)
+        assert torch.equal(values.sort(-1, descending=True).values, x.topk(k, -1).values)
+        assert torch.equal(x.gather(-1, index), values) and (index.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+def test_draft_probs_buffer_records_and_clears():
+    from hf_specdec.drafting import DraftProbsBuffer
+
+    buffer = DraftProbsBuffer()
+    like = torch.empty(2, 5, 30)
+    probs = buffer.take(like)
+    assert probs.shape == like.shape and (probs == 0).all()
+    logq, token_ids = compact_form(torch.tensor([0.5, 0.25, 0.25, 0.0] + [0.0] * 26).log().expand(2, 2, -1), 6)
+    buffer.record(1, 3, logq, token_ids)
+    dense = torch.tensor([0.2] * 30).log().expand(2, 1, -1)
+    buffer.record(3, 4, dense, None)
+    assert torch.allclose(probs[:, 1, :4], torch.tensor([0.5, 0.25, 0.25, 0.0])) and (probs[:, 1, 4:] == 0).all()
+    assert torch.allclose(probs[:, 3], torch.full((2, 30), 0.2)) and (probs[:, [0, 4]] == 0).all()
+    again = buffer.take(like)
+    assert again.data_ptr() == probs.data_ptr() and (again == 0).all()
+    assert buffer.take(torch.empty(1, 5, 30)).shape == (1, 5, 30)

@@ -404,3 +404,260 @@ def test_on_gpu_matches_reference_without_syncs(rule):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert_same(reference(case), found, on_gpu)
+
+
+# ---------------------------------------------------------------- vocabulary compaction
+
+
+def compacted(case: dict) -> VerifyResult:
+    return verify_tree_batched(VerifyInputs(**case), compact=True)
+
+
+def dense(case: dict) -> VerifyResult:
+    return verify_tree_batched(VerifyInputs(**case), compact=False)
+
+
+def check_compaction(case: dict) -> VerifyResult:
+    """The compact verification (forced) gives the dense one's and the reference's results."""
+    expected = reference(case)
+    assert_same(expected, dense(case), case)
+    assert_same(expected, compacted(case), case)
+    return expected
+
+
+def sparse(case: dict, generator: torch.Generator) -> dict:
+    """p and q of `case` with zeros, as after top-k / top-p warpers: per node, only the k largest entries (k from
+    1 to V, p and q independently, ties at the k-th kept), renormalised; some nodes with p == q (every residual
+    (p - q)+ is zero), some with p uniform on its support (ties everywhere)."""
+    out = dict(case)
+    for name in ("target_probs", "draft_probs"):
+        probs = case[name]
+        if probs is None:
+            continue
+        vocab = probs.shape[-1]
+        k = torch.randint(1, vocab + 1, probs.shape[:-1], generator=generator)
+        kth = probs.sort(-1, descending=True).values.gather(-1, (k - 1)[..., None])
+        probs = torch.where(probs >= kth, probs, 0.0)
+        out[name] = probs / probs.sum(-1, keepdim=True)
+    if out["draft_probs"] is not None:
+        p, q = out["target_probs"], out["draft_probs"]
+        kind = torch.randint(0, 4, p.shape[:-1] + (1,), generator=generator)
+        p = torch.where(kind == 1, q, p)
+        uniform = (p > 0).float()
+        p = torch.where(kind == 2, uniform / uniform.sum(-1, keepdim=True), p)
+        out["target_probs"] = p
+    return out
+
+
+@pytest.mark.parametrize("rule", ["rrs", "spectr"])
+def test_compaction_matches_dense_on_random_trees(rule):
+    """Random tries with sparse p and q (supports of any size, p == q, uniform p with ties), half of the batches with
+    tokens not drawn from q (outside the parent's support, repeated, the last token), vocabularies that are and are
+    not multiples of the search's block: the compact verification returns the dense one's tokens."""
+    generator = torch.Generator().manual_seed(900 + ("rrs", "spectr").index(rule))
+    for vocab in (2, 5, 37, 64, 130, 256):
+        for round_ in range(12):
+            case = sparse(random_case(rule, batch=12, vocab=vocab, max_nodes=16, generator=generator), generator)
+            check_compaction(with_any_tokens(case, generator) if round_ % 2 else case)
+
+
+@pytest.mark.parametrize("method", sorted(set(DRAFTERS) - {"spectr"}) + ["spectr"])
+def test_compaction_matches_dense_on_drafted_trees(method):
+    """Trees grown by the drafters from sparse q (rows with fewer nodes, empty rows), NaN q where the draft never
+    ran: compact and dense verification agree under every sampling rule."""
+    generator = torch.Generator().manual_seed(950 + sorted(DRAFTERS).index(method))
+    for vocab in (3, 8, 70):
+        for _ in range(8):
+            case = drafted_case(method, batch=10, vocab=vocab, generator=generator)
+            never_run = case["draft_probs"].isnan()
+            case = sparse({**case, "draft_probs": case["draft_probs"].nan_to_num(0.5)}, generator)
+            case["draft_probs"] = case["draft_probs"].masked_fill(never_run, float("nan"))
+            for rule in ("rrs", "spectr"):
+                check_compaction(with_rule(case, rule))
+
+
+@pytest.mark.parametrize("rule", ["rrs", "spectr"])
+def test_compaction_matches_the_reference_on_thresholds(rule):
+    """Uniforms on or one ulp off the accept probabilities and on the residual's CDF steps of the compacted problem:
+    the compact path makes the reference's decisions on it, bit for bit. (Against the whole vocabulary its sums
+    run in another order, so there a uniform within a few ulps of a threshold may go the other way, as the numerics
+    allow; SpecTr's bisection can widen that to ~1e-10: see the next test.)"""
+    from hf_specdec.verify_batched import compact_vocabulary, expand_result
+
+    generator = torch.Generator().manual_seed(980 + ("rrs", "spectr").index(rule))
+    for round_ in range(24):
+        vocab = (3, 6, 9, 70)[round_ % 4]
+        case = sparse(random_case(rule, batch=8, vocab=vocab, max_nodes=12, generator=generator), generator)
+        if round_ % 3 == 0:
+            case = with_any_tokens(case, generator)
+        inputs = VerifyInputs(**case)
+        small, token_ids = compact_vocabulary(inputs)
+        small_case = dict(rule=rule, paths=small.paths, node_tokens=small.node_tokens, target_probs=small.target_probs,
+                          draft_probs=small.draft_probs, accept_uniforms=small.accept_uniforms,
+                          sample_uniforms=small.sample_uniforms)
+        small_case = at_accept_thresholds(small_case, generator)
+        small_case = at_cdf_steps(small_case, reference(small_case), generator)
+        case = {**case, "accept_uniforms": small_case["accept_uniforms"],
+                "sample_uniforms": small_case["sample_uniforms"]}
+        assert_same(expand_result(reference(small_case), inputs, token_ids), compacted(case), case)
+
+
+def test_compact_spectr_rho_is_the_dense_one_up_to_summation_order():
+    """SpecTr's rho* and beta on a node's support only, against the whole vocabulary: the same up to the bisection's
+    resolution (a sum's last bit can move one of its 40 decisions near the feasibility boundary)."""
+    from hf_specdec.verify_batched import _spectr_rho
+
+    generator = torch.Generator().manual_seed(985)
+    p, q = (t.double()[:, 0] for t in distributions(512, 1, 40, generator))
+    p, q = (torch.where(t >= t.topk(12, -1).values[:, -1:], t, 0.0) for t in (p, q))
+    draws = torch.randint(1, 9, (512,), generator=generator)
+    support = (p > 0) | (q > 0)
+    order = torch.sort((~support).to(torch.int8), dim=-1, stable=True).indices  # the support first, in token order
+    rho, beta = _spectr_rho(p, q, draws, 8, torch.empty_like(p))
+    small_rho, small_beta = _spectr_rho(p.gather(1, order), q.gather(1, order), draws, 8, torch.empty_like(p))
+    assert (rho - small_rho).abs().max() < 1e-9 and (beta - small_beta).abs().max() < 1e-9
+
+
+def test_compaction_when_every_residual_is_zero():
+    """p == q at every node: every rejection leaves (p - q)+ = 0 (Theta is kept), and tokens outside the support
+    (q = 0 there, never accepted) are candidates too; the next token comes from the kept Theta."""
+    generator = torch.Generator().manual_seed(990)
+    for round_ in range(20):
+        case = sparse(random_case("rrs", batch=16, vocab=40, max_nodes=14, generator=generator), generator)
+        case = {**case, "target_probs": case["draft_probs"].clone()}
+        case = with_any_tokens(case, generator) if round_ % 2 else case
+        expected = check_compaction(case)
+        check_compaction(at_cdf_steps(case, expected, generator))
+
+
+def test_compact_vocabulary_layout():
+    """Each node's compact vocabulary is its support (p > 0, or q > 0 at a node with children) in increasing token
+    order, then zero slots of the last token; every node's token is its index in its parent's support, or a zero slot
+    (p = q = 0) where it is outside it."""
+    from hf_specdec.verify_batched import compact_vocabulary
+
+    generator = torch.Generator().manual_seed(995)
+    case = with_any_tokens(sparse(random_case("rrs", batch=6, vocab=50, max_nodes=10, generator=generator), generator),
+                           generator)
+    inputs = VerifyInputs(**case)
+    small, token_ids = compact_vocabulary(inputs)
+    batch, slots, vocab = case["target_probs"].shape
+    width = token_ids.shape[-1]
+    assert small.target_probs.shape == small.draft_probs.shape == (batch, slots, width)
+    has_children = torch.zeros(batch, slots, dtype=torch.bool)
+    parents = torch.zeros(batch, slots, dtype=torch.long)
+    for b in range(batch):
+        for path in case["paths"][b].tolist():
+            nodes = [0] + [n for n in path if n >= 0]
+            for parent, child in zip(nodes, nodes[1:]):
+                has_children[b, parent] = True
+                parents[b, child] = parent
+    counts = []
+    for b in range(batch):
+        for u in range(slots):
+            p, q = case["target_probs"][b, u], case["draft_probs"][b, u]
+            support = ((p > 0) | ((q > 0) & has_children[b, u])).nonzero().flatten()
+            counts.append(len(support))
+            assert token_ids[b, u, : len(support)].tolist() == support.tolist()
+            assert (token_ids[b, u, len(support):] == vocab - 1).all()
+            assert torch.equal(small.target_probs[b, u, : len(support)], p[support].double())
+            assert (small.target_probs[b, u, len(support):] == 0).all()
+            if has_children[b, u]:
+                assert torch.equal(small.draft_probs[b, u, : len(support)], q[support].double())
+            if u > 0:
+                index, parent = int(small.node_tokens[b, u]), int(parents[b, u])
+                token = int(case["node_tokens"][b, u])
+                if token in token_ids[b, parent].tolist()[: counts[b * slots + parent]]:
+                    assert int(token_ids[b, parent, index]) == token
+                else:
+                    assert small.target_probs[b, parent, index] == small.draft_probs[b, parent, index] == 0
+    assert width == max(counts) + 1
+
+
+@pytest.mark.parametrize("rule", ["rrs", "spectr"])
+def test_compaction_on_a_large_vocabulary(rule, monkeypatch):
+    """49,152 tokens with top-50 supports (as the loop sees them): the default takes the compact path (one read
+    back: the compact width), q holds garbage where the draft never ran (it must not widen the support), the
+    distributions are slices of larger buffers; same tokens as the dense walk and the reference."""
+    import hf_specdec.verify_batched as verify_batched
+
+    generator = torch.Generator().manual_seed(996)
+    vocab = 49152
+    case = random_case(rule, batch=3, vocab=vocab, max_nodes=12, generator=generator)
+    for name in ("target_probs", "draft_probs"):
+        logits = case[name].log()
+        kth = logits.topk(50, dim=-1).values[..., -1:]
+        case[name] = logits.masked_fill(logits < kth, float("-inf")).softmax(-1)
+    has_children = torch.zeros(case["node_tokens"].shape, dtype=torch.bool)
+    for b in range(3):
+        for path in case["paths"][b].tolist():
+            nodes = [0] + [n for n in path if n >= 0]
+            has_children[b, nodes[:-1]] = True
+    garbage = torch.rand(case["draft_probs"].shape, generator=generator)
+    case["draft_probs"] = torch.where(has_children[..., None], case["draft_probs"], garbage)
+    batch, slots, _ = case["target_probs"].shape
+    buffer = torch.full((batch, slots + 2, vocab), float("nan"))
+    buffer[:, :slots] = case["draft_probs"]
+    case["draft_probs"] = buffer[:, :slots]
+    calls = []
+    original = verify_batched._verify_everywhere
+    monkeypatch.setattr(verify_batched, "_verify_everywhere", lambda *a: calls.append(a[1].width) or original(*a))
+    expected = reference(case)
+    assert_same(expected, batched(case), case)
+    assert calls and calls[0] <= 101  # the union of two top-50 supports, and a zero slot
+    assert_same(expected, dense(case), case)
+
+
+@pytest.mark.parametrize("rule", ["rrs", "spectr"])
+def test_compaction_input_layouts_and_dtypes(rule):
+    """Slices of larger buffers, float64 and bfloat16 distributions (and p, q of different dtypes), int32 paths and
+    tokens, float64 uniforms, on the compact path."""
+    generator = torch.Generator().manual_seed(997)
+    for target_dtype, draft_dtype in ((torch.float32, torch.float32), (torch.float64, torch.float64),
+                                      (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float64)):
+        case = sparse(random_case(rule, batch=8, vocab=70, max_nodes=10, generator=generator), generator)
+        batch, slots, vocab = case["target_probs"].shape
+        for name, dtype in (("target_probs", target_dtype), ("draft_probs", draft_dtype)):
+            buffer = torch.full((batch, slots + 3, vocab), float("nan"), dtype=dtype)
+            buffer[:, :slots] = case[name]
+            case[name] = buffer[:, :slots]
+        case = {**case, "paths": case["paths"].int(), "node_tokens": case["node_tokens"].int(),
+                "accept_uniforms": case["accept_uniforms"].double(),
+                "sample_uniforms": case["sample_uniforms"].double()}
+        check_compaction(case)
+
+
+def test_compaction_on_mixed_and_empty_rows():
+    """Rows of different sizes, padded with NaN distributions, and rows without any path, compacted."""
+    generator = torch.Generator().manual_seed(998)
+    for rule in ("rrs", "spectr"):
+        for _ in range(8):
+            parts = []
+            for _ in range(3):
+                nodes = int(torch.randint(1, 14, (1,), generator=generator))
+                parts.append(sparse(random_case(rule, batch=2, vocab=66, max_nodes=nodes, generator=generator), generator))
+            empty = {**parts[0], "paths": torch.full_like(parts[0]["paths"], -1)}
+            check_compaction(merged([*parts, empty]))
+
+
+def test_compaction_reads_back_once(monkeypatch):
+    """On CPU the compact path reads one small tensor back (its width and the most candidates of a node); forced off,
+    nothing. Greedy never compacts."""
+    generator = torch.Generator().manual_seed(999)
+    case = sparse(random_case("rrs", batch=4, vocab=80, max_nodes=12, generator=generator), generator)
+    calls = []
+
+    def counting(name, original):
+        def wrapper(*args, **kwargs):
+            calls.append(name)
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in SYNCING_METHODS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    compacted(case)
+    assert calls == ["tolist"]
+    calls.clear()
+    dense(case)
+    verify_tree_batched(VerifyInputs(**with_rule(case, "greedy")))
+    assert calls == []
