@@ -12,45 +12,24 @@ import copy
 import torch
 from transformers.generation import logits_process as lp
 
-# processors that look only at the scores: they can run on all nodes at once, whatever their prefixes
-PREFIX_FREE = tuple(
-    getattr(lp, name)
-    for name in (
-        "TemperatureLogitsWarper",
-        "TopKLogitsWarper",
-        "TopPLogitsWarper",
-        "TopHLogitsWarper",
-        "MinPLogitsWarper",
-        "TypicalLogitsWarper",
-        "EpsilonLogitsWarper",
-        "EtaLogitsWarper",
-        "InfNanRemoveLogitsProcessor",
-        "LogitNormalization",
-        "SuppressTokensLogitsProcessor",
-    )
-    if hasattr(lp, name)
-)
+
+def _classes(*names: str) -> tuple[type, ...]:
+    """The logits processor classes of these names that this transformers version has."""
+    return tuple(getattr(lp, name) for name in names if hasattr(lp, name))
+
 
 # room `NodeScorer.support_capacity` gives a top-k support beyond 2 k (for ties at the k-th score)
 SUPPORT_MARGIN = 32
 
 # processors that see a node's scores as a set of values (no token ids, no prefix, -inf stays -inf): once a top-k has
 # cut every score but the highest off, they give on those scores what they give on the whole vocabulary
-VALUE_ONLY = tuple(
-    getattr(lp, name)
-    for name in (
-        "TemperatureLogitsWarper",
-        "TopKLogitsWarper",
-        "TopPLogitsWarper",
-        "TopHLogitsWarper",
-        "MinPLogitsWarper",
-        "TypicalLogitsWarper",
-        "EpsilonLogitsWarper",
-        "EtaLogitsWarper",
-        "LogitNormalization",
-    )
-    if hasattr(lp, name)
+VALUE_ONLY = _classes(
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "TopHLogitsWarper", "MinPLogitsWarper",
+    "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "LogitNormalization",
 )
+
+# processors that look only at the scores: they can run on all nodes at once, whatever their prefixes
+PREFIX_FREE = VALUE_ONLY + _classes("InfNanRemoveLogitsProcessor", "SuppressTokensLogitsProcessor")
 
 _TOP_GROUP = 32  # entries per group of `top_entries`
 
@@ -74,19 +53,11 @@ def top_entries(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # processors whose rows are not independent sequences (batch index semantics, extra model calls, state)
-UNSUPPORTED = tuple(
-    getattr(lp, name)
-    for name in (
-        "PrefixConstrainedLogitsProcessor",
-        "ClassifierFreeGuidanceLogitsProcessor",
-        "UnbatchedClassifierFreeGuidanceLogitsProcessor",
-        "SynthIDTextWatermarkLogitsProcessor",
-        "WhisperTimeStampLogitsProcessor",
-        "WhisperNoSpeechDetection",
-        "AlternatingCodebooksLogitsProcessor",
-        "BarkEosPrioritizerLogitsProcessor",
-    )
-    if hasattr(lp, name)
+UNSUPPORTED = _classes(
+    "PrefixConstrainedLogitsProcessor", "ClassifierFreeGuidanceLogitsProcessor",
+    "UnbatchedClassifierFreeGuidanceLogitsProcessor", "SynthIDTextWatermarkLogitsProcessor",
+    "WhisperTimeStampLogitsProcessor", "WhisperNoSpeechDetection", "AlternatingCodebooksLogitsProcessor",
+    "BarkEosPrioritizerLogitsProcessor",
 )
 
 
