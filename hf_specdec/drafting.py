@@ -50,11 +50,11 @@ class DraftProbsBuffer:
         self.buffer: torch.Tensor | None = None
         self.written: list[tuple[int, int, torch.Tensor | None]] = []  # node range, tokens (None: whole rows)
 
-    def take(self, like: torch.Tensor) -> torch.Tensor:
-        """A zero buffer of `like`'s shape, dtype and device (reused when they match)."""
+    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """A float32 zero buffer of this shape on `device` (reused when they match)."""
         buffer = self.buffer
-        if buffer is None or buffer.shape != like.shape or buffer.dtype != like.dtype or buffer.device != like.device:
-            self.buffer, self.written = torch.zeros_like(like), []
+        if buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.device != torch.device(device):
+            self.buffer, self.written = torch.zeros(shape, dtype=torch.float32, device=device), []
             return self.buffer
         for start, end, token_ids in self.written:
             if token_ids is None:

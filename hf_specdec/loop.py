@@ -220,6 +220,7 @@ class SpeculativeDecoder:
         self.profile = profile
         self.rule = rule_for_method(config.method, do_sample)
         self.drafter = make_drafter(config, greedy=not do_sample) if config.is_speculative else None
+        self._draft_probs = DraftProbsBuffer()  # storage reused by every step, not state
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -303,7 +304,9 @@ class SpeculativeDecoder:
             root_tokens,
             capacity=self.config.tree_size,
             max_depth=self.config.depth,
-            vocab_size=self.target.vocab_size if (self.do_sample and depth > 0) else None,
+            # q goes to a buffer kept between steps (zero but what the last step recorded)
+            draft_probs=self._draft_probs.take((len(rows), self.config.tree_size + 1, self.target.vocab_size), device)
+            if (self.do_sample and depth > 0) else None,
         )
         draft = self._draft(state, out, tree, root_tokens, depth) if depth > 0 else None
         tock = timer.now()
@@ -352,10 +355,6 @@ class SpeculativeDecoder:
         batch = len(state.rows)
         layout = state.draft_layout
         draft_state = self.drafter.start(tree)
-        if tree.draft_probs is not None:  # q goes to a buffer kept between steps (zero but what this step records)
-            if getattr(self, "_draft_probs", None) is None:
-                self._draft_probs = DraftProbsBuffer()
-            tree.draft_probs = self._draft_probs.take(tree.draft_probs)
         # level 0: the pending inputs, the root last; its logits give q at the root
         state.draft_pending[:, 1] = root_tokens
         state.draft_pending_valid[:, 1] = True

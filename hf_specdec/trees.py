@@ -24,9 +24,10 @@ class DraftTree:
         root_tokens: torch.Tensor,
         capacity: int,
         max_depth: int,
-        vocab_size: int | None = None,
+        draft_probs: torch.Tensor | None = None,
     ):
-        """`capacity`: most draft nodes per row; `vocab_size`: store the draft distribution of each node when given."""
+        """`capacity`: most draft nodes per row; `draft_probs` [B, capacity + 1, V]: where sampling drafters record the
+        draft distribution of each node they run (None: not recorded)."""
         batch, device = root_tokens.shape[0], root_tokens.device
         size = capacity + 1
         self.tokens = torch.zeros(batch, size, dtype=torch.long, device=device)
@@ -40,10 +41,7 @@ class DraftTree:
         self.ancestors[:, 0, 0] = False
         # path_tokens[b, n, :depth]: the tokens from depth 1 down to node n
         self.path_tokens = torch.zeros(batch, size, max(max_depth, 1), dtype=torch.long, device=device)
-        self.draft_probs = None
-        if vocab_size is not None:
-            # filled for every node the draft runs; only those (nodes with children) are ever read
-            self.draft_probs = torch.empty(batch, size, vocab_size, dtype=torch.float32, device=device)
+        self.draft_probs = draft_probs
         self.size = 1
         self.depth = 0
         self.level_sizes: list[int] = []  # nodes per level (the same in every row), levels 1..depth

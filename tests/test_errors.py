@@ -87,16 +87,13 @@ def test_draft_without_weights(models):
 def test_empty_prompt(models):
     target, draft = models
     with pytest.raises(ValueError, match="prompt is empty.*bos_token_id"):
-        target.generate(torch.zeros(1, 0, dtype=torch.long), custom_generate=speculative_generate, draft_model=draft,
-                        speculative_config="sd:l=2", max_new_tokens=4, pad_token_id=0)
+        run(target, draft, torch.zeros(1, 0, dtype=torch.long))
 
 
 def test_row_of_padding_only(models):
     target, draft = models
     with pytest.raises(ValueError, match="row\\(s\\) \\[0\\] of the batch are all padding.*remove them"):
-        target.generate(torch.tensor([[0, 0, 0], [1, 5, 6]]), attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]),
-                        custom_generate=speculative_generate, draft_model=draft, speculative_config="sd:l=2",
-                        max_new_tokens=4, pad_token_id=0)
+        run(target, draft, torch.tensor([[0, 0, 0], [1, 5, 6]]), attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]]))
 
 
 def test_tree_too_large_for_memory(models, monkeypatch):
@@ -162,9 +159,7 @@ def test_attention_outputs(models):
 def test_right_padding(models):
     target, draft = models
     with pytest.raises(ValueError, match="padding_side='left'"):
-        target.generate(torch.tensor([[1, 5, 0], [1, 5, 6]]), attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]),
-                        custom_generate=speculative_generate, draft_model=draft, speculative_config="sd:l=2",
-                        max_new_tokens=4, pad_token_id=0)
+        run(target, draft, torch.tensor([[1, 5, 0], [1, 5, 6]]), attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]]))
 
 
 def test_config_round_trip():

@@ -75,8 +75,9 @@ def test_cache_layout_keep():
     assert (layout.nodes == -1).all()
 
 
-def draft_level(config: str, logq: torch.Tensor, greedy: bool, levels: int = 1):
-    """Run a drafter for `levels` levels where every node sees the same log q; returns (tree, drafter, its state)."""
+def draft_level(config: str, logq: torch.Tensor, greedy: bool, levels: int = 1, token_ids: torch.Tensor | None = None):
+    """Run a drafter for `levels` levels where every node sees the same log q (compact with `token_ids` when given);
+    returns (tree, drafter, its state)."""
     config = SpeculativeConfig.parse(config)
     batch = logq.shape[0]
     tree = DraftTree(torch.zeros(batch, dtype=torch.long), capacity=config.tree_size, max_depth=config.depth)
@@ -85,7 +86,9 @@ def draft_level(config: str, logq: torch.Tensor, greedy: bool, levels: int = 1):
     frontier = torch.zeros(batch, 1, dtype=torch.long)
     frontier_valid = torch.ones(batch, 1, dtype=torch.bool)
     for _ in range(levels):
-        nodes = drafter.expand(tree, state, frontier, frontier_valid, logq[:, None].expand(-1, frontier.shape[1], -1))
+        n = frontier.shape[1]
+        node_ids = None if token_ids is None else token_ids[:, None].expand(-1, n, -1)
+        nodes = drafter.expand(tree, state, frontier, frontier_valid, logq[:, None].expand(-1, n, -1), node_ids)
         frontier, frontier_valid = nodes, tree.valid.gather(1, nodes)
     return tree, drafter, state
 
@@ -148,20 +151,8 @@ def compact_form(logq: torch.Tensor, width: int, seed: int = 0) -> tuple[torch.T
 
 def draft_compact(config: str, logq: torch.Tensor, width: int, greedy: bool = False, levels: int = 1):
     """`draft_level` with compact inputs (the same compact form at every node)."""
-    config = SpeculativeConfig.parse(config)
-    batch = logq.shape[0]
     small, token_ids = compact_form(logq, width)
-    tree = DraftTree(torch.zeros(batch, dtype=torch.long), capacity=config.tree_size, max_depth=config.depth)
-    drafter = make_drafter(config, greedy)
-    state = drafter.start(tree)
-    frontier = torch.zeros(batch, 1, dtype=torch.long)
-    frontier_valid = torch.ones(batch, 1, dtype=torch.bool)
-    for _ in range(levels):
-        n = frontier.shape[1]
-        nodes = drafter.expand(tree, state, frontier, frontier_valid, small[:, None].expand(-1, n, -1),
-                               token_ids[:, None].expand(-1, n, -1))
-        frontier, frontier_valid = nodes, tree.valid.gather(1, nodes)
-    return tree, drafter, state
+    return draft_level(config, small, greedy, levels, token_ids)
 
 
 def frequencies(tokens: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -308,15 +299,14 @@ def test_draft_probs_buffer_records_and_clears():
     from hf_specdec.drafting import DraftProbsBuffer
 
     buffer = DraftProbsBuffer()
-    like = torch.empty(2, 5, 30)
-    probs = buffer.take(like)
-    assert probs.shape == like.shape and (probs == 0).all()
+    probs = buffer.take((2, 5, 30), torch.device("cpu"))
+    assert probs.shape == (2, 5, 30) and (probs == 0).all()
     logq, token_ids = compact_form(torch.tensor([0.5, 0.25, 0.25, 0.0] + [0.0] * 26).log().expand(2, 2, -1), 6)
     buffer.record(1, 3, logq, token_ids)
     dense = torch.tensor([0.2] * 30).log().expand(2, 1, -1)
     buffer.record(3, 4, dense, None)
     assert torch.allclose(probs[:, 1, :4], torch.tensor([0.5, 0.25, 0.25, 0.0])) and (probs[:, 1, 4:] == 0).all()
     assert torch.allclose(probs[:, 3], torch.full((2, 30), 0.2)) and (probs[:, [0, 4]] == 0).all()
-    again = buffer.take(like)
+    again = buffer.take((2, 5, 30), torch.device("cpu"))
     assert again.data_ptr() == probs.data_ptr() and (again == 0).all()
-    assert buffer.take(torch.empty(1, 5, 30)).shape == (1, 5, 30)
+    assert buffer.take((1, 5, 30), torch.device("cpu")).shape == (1, 5, 30)

@@ -361,6 +361,14 @@ def test_argument_errors():
 SYNCING_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 
 
+def counting(calls: list, name: str, original):
+    """`original`, appending `name` to `calls` at each call."""
+    def wrapper(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+    return wrapper
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_no_host_syncs(rule, monkeypatch):
     """Nothing is read back to the host: no tensor method that copies a value to Python or to the CPU is called."""
@@ -370,16 +378,10 @@ def test_no_host_syncs(rule, monkeypatch):
     expected = [reference(with_rule(case, rule)) for case in cases]
     calls = []
 
-    def counting(name, original):
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return original(*args, **kwargs)
-        return wrapper
-
     for name in SYNCING_METHODS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        monkeypatch.setattr(torch.Tensor, name, counting(calls, name, getattr(torch.Tensor, name)))
     for name in ("unique", "nonzero", "unique_consecutive", "bincount"):
-        monkeypatch.setattr(torch, name, counting(f"torch.{name}", getattr(torch, name)))
+        monkeypatch.setattr(torch, name, counting(calls, f"torch.{name}", getattr(torch, name)))
     results = [batched(with_rule(case, rule)) for case in cases]
     monkeypatch.undo()
     assert calls == []
@@ -647,14 +649,8 @@ def test_compaction_reads_back_once(monkeypatch):
     case = sparse(random_case("rrs", batch=4, vocab=80, max_nodes=12, generator=generator), generator)
     calls = []
 
-    def counting(name, original):
-        def wrapper(*args, **kwargs):
-            calls.append(name)
-            return original(*args, **kwargs)
-        return wrapper
-
     for name in SYNCING_METHODS:
-        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+        monkeypatch.setattr(torch.Tensor, name, counting(calls, name, getattr(torch.Tensor, name)))
     compacted(case)
     assert calls == ["tolist"]
     calls.clear()
