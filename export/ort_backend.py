@@ -26,6 +26,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from hf_specdec.backends.base import Forward
 from hf_specdec.cache_layout import sliding_window_mask
 from hf_specdec.export.manifest import GENERATION_CONFIG_FILE, Manifest, ManifestError, reexport_hint
 from hf_specdec.verification import verify_tree
@@ -47,6 +48,7 @@ class OrtBackend:
         self.max_dims = manifest.max_dims
         self.device = torch.device(device)
         self.vocab_size = self.entry.vocab_size
+        self.reads_features = False
         self.dtype = getattr(torch, self.entry.dtype)
         self.mask_windows = self.entry.mask_windows()  # mask input name -> window (None: full attention)
         self._check_known_inputs()
@@ -104,7 +106,9 @@ class OrtBackend:
         self.cache = torch.zeros(e.num_layers, 2, batch_size, e.kv_heads, CAPACITY_BLOCK, e.head_dim, dtype=self.dtype, device=self.device)
         self.length = 0
 
-    def prefill(self, input_ids, position_ids, attention_mask, key_positions) -> None:
+    def prefill(self, input_ids, position_ids, attention_mask, key_positions, features=None,
+                return_features=False) -> None:
+        self._check_no_features(features, return_features)
         # in chunks of at most the exported tokens per forward; only K/V are needed, so one logit row per chunk
         chunk = self.max_dims["new"]
         for start in range(0, input_ids.shape[1], chunk):
@@ -114,10 +118,18 @@ class OrtBackend:
             self._run(input_ids[:, start:end], position_ids[:, start:end], attention_mask[:, start:end, :visible],
                       key_positions[:, :visible], last)
 
-    def forward(self, input_ids, position_ids, attention_mask, key_positions) -> torch.Tensor:
+    def forward(self, input_ids, position_ids, attention_mask, key_positions, features=None,
+                return_features=False) -> Forward:
+        self._check_no_features(features, return_features)
         new = input_ids.shape[1]
         self._check_limit("new", new, f"this step scores {new} tokens (a draft tree and its root)")
-        return self._run(input_ids, position_ids, attention_mask, key_positions, torch.arange(new, device=self.device))
+        return Forward(self._run(input_ids, position_ids, attention_mask, key_positions,
+                                 torch.arange(new, device=self.device)), None)
+
+    def _check_no_features(self, features, return_features) -> None:
+        if features is not None or return_features:
+            raise ManifestError(f"the {self.role} graph in {self.model_dir} has no feature inputs or outputs (it was "
+                                f"not exported for a feature draft); {reexport_hint(self.model_dir)}")
 
     def keep(self, start: int, source_slots: torch.Tensor) -> None:
         cache = self.cache

@@ -37,7 +37,8 @@ def tree_logits(backend: ModelBackend, prompt: torch.Tensor, prompt_mask: torch.
     nodes = torch.arange(size).expand(len(prompt), size)
     node_positions = valid.sum(1, keepdim=True) + tree.depths[:, :size]
     slots = layout.append(tree.valid[:, :size], node_positions, torch.where(nodes == 0, -1, nodes))
-    return backend.forward(tree.tokens[:, :size], node_positions, layout.mask(slots, tree.ancestors), layout.positions)
+    return backend.forward(tree.tokens[:, :size], node_positions, layout.mask(slots, tree.ancestors),
+                           layout.positions).logits
 
 
 def max_logit_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:

@@ -50,6 +50,37 @@ def chat_prompts(split: str, n: int, tokenizer, max_prompt_tokens: int) -> list[
     )
 
 
+def train_conversations():
+    """Whole train-split conversations as chat messages ([{"role": "user" | "assistant", "content": ...}, ...]), in
+    the split's fixed order: those whose first user turn is a train prompt (the first conversation of each such
+    prompt), up to the first turn that is not a user / assistant alternation. A conversation is on the side of its
+    first user turn, so none that starts with a held-out prompt is ever read."""
+    first: dict[int, list[dict]] = {}
+    for conversation in _read_conversations():
+        messages = conversation.get("conversations") or []
+        if not messages or messages[0].get("from") != "human":
+            continue
+        text = messages[0].get("value", "").strip()
+        if len(text) < MIN_PROMPT_CHARS:
+            continue
+        first.setdefault(_text_hash(text), messages)
+    for key in sorted(first):
+        if key % 100 < HELDOUT_PERCENT:
+            continue
+        chat = []
+        for i, message in enumerate(first[key]):
+            role = ROLES.get(message.get("from"))
+            content = (message.get("value") or "").strip()
+            if role != ("user", "assistant")[i % 2] or not content:
+                break
+            chat.append({"role": role, "content": content})
+        if len(chat) >= 2:
+            yield chat
+
+
+ROLES = {"human": "user", "gpt": "assistant"}
+
+
 @lru_cache(maxsize=None)
 def user_messages(split: str) -> tuple[str, ...]:
     """First user turns of `split`, deduplicated, in the split's fixed (hash) order."""

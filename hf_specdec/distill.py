@@ -1,16 +1,19 @@
-"""Distil a reduced-vocabulary draft model from a target model.
+"""Distil a draft for a target from teacher-forced data (`hf_specdec.teacher`): either kind, the same data.
 
-1. Teacher data: the target continues training-split prompts, sampling at temperature 1 (batched), and
-   records at every generated position its top-k next-token log-probabilities; the rest of the mass is
-   1 - sum(top-k). Training then never runs the target again.
-2. Draft vocabulary: the `vocab_size` tokens with the largest total target probability over the teacher
-   data (plus the special tokens), i.e. the subset that keeps the most of p reachable by q.
-3. Draft initialisation from the target: embedding rows of the kept tokens (tied with the head), a rank-r
-   SVD of the full embedding for the other input tokens, a few of its layers, its final norm.
-4. Training: minimise KL(p || q) at every generated position, on the coarse distribution "each top-k token
-   of p that the draft can emit, plus one bucket for everything else" (exact for the top-k, and the bucket
-   keeps q from ignoring p's tail). Target top-k tokens outside the draft vocabulary are dropped and p is
-   renormalised: q cannot put mass there, and alpha = sum_x min(p, q) is what matters.
+1. Draft vocabulary: the `size` tokens with the largest total target probability over (a sample of) the teacher
+   positions, plus the special tokens: the subset that keeps the most of p reachable by q (q = 0 elsewhere, which keeps
+   sampling exact).
+2. Initialisation from the target: head rows of the kept tokens (tied with their input embedding), a rank-r SVD of the
+   full embedding for the other input tokens, the final norm; a standalone draft copies some of the target's layers,
+   a feature draft starts its fusion and layer(s) fresh.
+3. Training targets are the target's own distributions: p_t = softmax(lm_head(features[t])) over the kept tokens, at
+   every position whose next token belongs to an assistant turn. The loss is KL(p || q).
+   - standalone (`ReducedVocabLlamaForCausalLM`): q_t from the tokens up to t.
+   - feature (`hf_specdec.feature_draft`): q_t from token t and the target's feature at t - 1, and then, as in a draft
+     tree, from the draft's own predicted features: unrolled step k reads, at t, its step k - 1 prediction at t - 1 and
+     attends to the true-feature keys up to t - k + 1 and to its own chain (the "training-time test" of EAGLE-3), so
+     deeper tree levels are trained on the inputs they will see. Step k weighs `step_decay ** (k - 1)`; a smooth-L1
+     term pulls each predicted feature towards the target's.
 """
 
 from __future__ import annotations
@@ -19,147 +22,25 @@ import collections
 import copy
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from hf_specdec.draft_model import ReducedVocabLlamaConfig, ReducedVocabLlamaForCausalLM
+from hf_specdec.feature_draft import FeatureDraftConfig, FeatureDraftForCausalLM, reads_target_features
+from hf_specdec.teacher import TeacherData, TeacherSequence
+
+DRAFT_TYPES = ("feature", "standalone")
 
 
-# ------------------------------------------------------------------------------------------------ teacher data
-@dataclass
-class TeacherSample:
-    """One target continuation: `token_ids` = prompt + generated tokens (EOS included when reached).
-
-    Row t of `hidden` / `logsumexp` describes the target's distribution for generated token t (position
-    `prompt_len + t` given `token_ids[: prompt_len + t]`): p = exp(head(hidden[t]) - logsumexp[t]).
-    """
-
-    token_ids: torch.Tensor  # int32 [prompt_len + generated]
-    prompt_len: int
-    hidden: torch.Tensor  # float32 [generated, hidden_size]: the target's LM-head input
-    logsumexp: torch.Tensor  # float32 [generated]: log-normaliser of the full-vocabulary logits
-
-    @property
-    def generated_len(self) -> int:
-        return len(self.token_ids) - self.prompt_len
-
-
-class LMHeadRecorder:
-    """Forward hook on the target's LM head: per forward pass, the last position's head input and logsumexp.
-
-    Storing the head input instead of top-k probabilities keeps p exact on any token subset (top-64 holds
-    only ~80% of SmolLM2-135M's mass at temperature 1) for one subset-sized matmul per position in training.
-    """
-
-    def __init__(self):
-        self.hidden: list[torch.Tensor] = []
-        self.logsumexp: list[torch.Tensor] = []
-
-    def __call__(self, module, inputs, logits):
-        self.hidden.append(inputs[0][:, -1].float())
-        self.logsumexp.append(logits[:, -1].float().logsumexp(dim=-1))
-
-
-@torch.no_grad()
-def generate_teacher_batch(
-    target, tokenizer, prompts: list[str], max_new_tokens: int, greedy: bool = False
-) -> list[TeacherSample]:
-    """Continue `prompts` with `target` (temperature-1 sampling, or greedy), recording p at every new position."""
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    recorder = LMHeadRecorder()
-    hook = target.get_output_embeddings().register_forward_hook(recorder)
-    try:
-        # plain temperature-1 sampling: no top-k / top-p warper, so the sampled p is exactly the head's softmax
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-        sequences = target.generate(
-            **batch, **sampling, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
-        )
-    finally:
-        hook.remove()
-    padded_prompt_len = batch.input_ids.shape[1]
-    # one head call per sampled token (the last sampled token is never fed back)
-    hidden = torch.stack(recorder.hidden, dim=1)
-    logsumexp = torch.stack(recorder.logsumexp, dim=1)
-    stop_ids = torch.tensor(_eos_token_ids(target))
-    samples = []
-    for row, prompt_mask in enumerate(batch.attention_mask.bool()):
-        prompt = sequences[row, :padded_prompt_len][prompt_mask]
-        generated = sequences[row, padded_prompt_len:]
-        length = _length_through_first_stop(generated, stop_ids)
-        samples.append(
-            TeacherSample(
-                token_ids=torch.cat([prompt, generated[:length]]).to(torch.int32),
-                prompt_len=len(prompt),
-                hidden=hidden[row, :length].clone(),
-                logsumexp=logsumexp[row, :length].clone(),
-            )
-        )
-    return samples
-
-
-def generate_teacher_data(
-    target,
-    tokenizer,
-    prompts: list[str],
-    out_dir: Path,
-    batch_size: int,
-    max_new_tokens: int,
-    seed: int,
-    greedy: bool = False,
-) -> list[TeacherSample]:
-    """Teacher samples for all `prompts`, one file per batch in `out_dir`; batches already there are reused."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # similar lengths share a batch: less left padding to compute
-    ordered = sorted(prompts, key=len)
-    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-    samples = []
-    for index, batch in enumerate(tqdm(batches, desc="teacher continuations", unit="batch")):
-        path = out_dir / f"batch-{index:05d}.pt"
-        # a resumed run samples exactly what the first run would have
-        recipe = {"prompts": batch, "max_new_tokens": max_new_tokens, "greedy": greedy, "seed": seed + index}
-        if path.exists():
-            samples.extend(_load_batch(path, recipe))
-            continue
-        torch.manual_seed(recipe["seed"])
-        generated = generate_teacher_batch(target, tokenizer, batch, max_new_tokens, greedy)
-        _save_batch(path, recipe, generated)
-        samples.extend(generated)
-    return samples
-
-
-def _save_batch(path: Path, recipe: dict, samples: list[TeacherSample]) -> None:
-    staging = path.with_suffix(".tmp")
-    torch.save({"recipe": recipe, "samples": [vars(sample) for sample in samples]}, staging)
-    staging.replace(path)  # a killed run never leaves half a batch behind
-
-
-def _load_batch(path: Path, recipe: dict) -> list[TeacherSample]:
-    saved = torch.load(path)
-    if saved["recipe"] != recipe:
-        raise ValueError(
-            f"{path} was generated with other prompts or settings (--prompts, --max-prompt-tokens, "
-            "--max-new-tokens, batch size or seed differ): use another output directory"
-        )
-    return [TeacherSample(**fields) for fields in saved["samples"]]
-
-
-def _eos_token_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return [eos] if isinstance(eos, int) else list(eos)
-
-
-def _length_through_first_stop(generated: torch.Tensor, stop_ids: torch.Tensor) -> int:
-    stops = torch.isin(generated, stop_ids).nonzero()
-    return int(stops[0]) + 1 if len(stops) else len(generated)
-
-
-# ------------------------------------------------------------------------------------------------ draft set-up
+# ------------------------------------------------------------------------------------------------ vocabulary
 def head_rows(head: torch.nn.Linear, token_ids: list[int]) -> torch.nn.Linear:
-    """A frozen copy of `head` that scores only `token_ids` (p renormalised over them)."""
+    """A frozen float32 copy of `head` that scores only `token_ids` (p renormalised over them)."""
     rows = torch.nn.Linear(head.in_features, len(token_ids), bias=head.bias is not None)
     rows.weight.data = head.weight.data[token_ids].float().clone()
     if head.bias is not None:
@@ -168,15 +49,25 @@ def head_rows(head: torch.nn.Linear, token_ids: list[int]) -> torch.nn.Linear:
 
 
 @torch.no_grad()
-def choose_kept_tokens(samples: list[TeacherSample], head: torch.nn.Linear, size: int, always_keep) -> list[int]:
-    """The `size` tokens with the most total target probability over all recorded positions, plus `always_keep`."""
+def choose_kept_tokens(data: TeacherData, head: torch.nn.Linear, size: int, always_keep,
+                       sample_positions: int = 131072) -> list[int]:
+    """The `size` tokens with the most total target probability over about `sample_positions` teacher positions
+    (every k-th assistant position), plus `always_keep`."""
+    total = sum(int(data[i].assistant.sum()) for i in range(len(data)))
+    stride = max(1, total // sample_positions)
+    head = head.float()
     mass = torch.zeros(head.weight.shape[0])
-    for chunk in _chunks(torch.cat([sample.hidden for sample in samples]), 4096):
-        mass += torch.softmax(head(chunk), dim=-1).sum(dim=0)
+    for i in range(len(data)):
+        sequence = data[i]
+        # the positions that predict an assistant token
+        predicting = sequence.assistant[1:].nonzero().flatten()[::stride]
+        for chunk in predicting.split(4096):
+            mass += torch.softmax(head(sequence.features[chunk].float()), dim=-1).sum(dim=0)
     mass[list(always_keep)] = float("inf")
     return sorted(mass.topk(size).indices.tolist())
 
 
+# ------------------------------------------------------------------------------------------------ initialisation
 # what describes the target itself (its class, file, quantization) rather than the shape the draft inherits
 TARGET_ONLY_CONFIG_KEYS = (
     "model_type",
@@ -188,104 +79,186 @@ TARGET_ONLY_CONFIG_KEYS = (
 )
 
 
-def draft_config_from_target(target_config, kept_token_ids: list[int], num_layers: int, oov_rank: int):
+def _draft_fields(target_config, **overrides) -> dict:
     if target_config.model_type != "llama":
         raise ValueError(
-            f"the draft copies Llama layers from its target, but the target is {target_config.model_type!r}: "
-            "use a Llama-architecture target (SmolLM2, Llama, ...)"
+            f"the draft copies Llama shapes and weights from its target, but the target is "
+            f"{target_config.model_type!r}: use a Llama-architecture target (SmolLM2, Llama, ...)"
         )
     fields = target_config.to_dict()
     for key in TARGET_ONLY_CONFIG_KEYS:
         fields.pop(key, None)
-    fields.update(
-        num_hidden_layers=num_layers,
-        kept_token_ids=kept_token_ids,
-        oov_embedding_rank=oov_rank,
-        tie_word_embeddings=True,
-        architectures=["ReducedVocabLlamaForCausalLM"],
-    )
-    return ReducedVocabLlamaConfig(**fields)
+    return {**fields, "tie_word_embeddings": True, **overrides}
 
 
 @torch.no_grad()
-def init_draft_from_target(target, kept_token_ids: list[int], layer_ids: list[int], oov_rank: int):
-    """A draft whose layers are copies of the target's `layer_ids`, with embedding / head rows of the kept tokens."""
-    config = draft_config_from_target(target.config, kept_token_ids, len(layer_ids), oov_rank)
-    draft = ReducedVocabLlamaForCausalLM(config)
-    draft.generation_config = target.generation_config
+def _copy_vocabulary(draft, target, kept_token_ids: list[int], oov_rank: int) -> None:
+    """Head rows (tied with the kept input rows) from the target's head; the other input tokens from the best rank-r
+    approximation of the target's input embedding; the target's final norm."""
+    draft.generation_config = copy.deepcopy(target.generation_config)
     kept = torch.tensor(kept_token_ids)
     draft.model.embed_tokens.kept.weight.copy_(target.get_output_embeddings().weight[kept])
-    # the other input tokens: the best rank-r approximation of the target's input embedding
     u, s, vh = torch.linalg.svd(target.get_input_embeddings().weight.float(), full_matrices=False)
     draft.model.embed_tokens.oov.weight.copy_(u[:, :oov_rank] * s[:oov_rank])
     draft.model.embed_tokens.oov_up.weight.copy_(vh[:oov_rank].T)
+    draft.model.norm.load_state_dict(target.model.norm.state_dict())
+
+
+@torch.no_grad()
+def init_standalone_draft(target, kept_token_ids: list[int], layer_ids: list[int], oov_rank: int):
+    """A standalone draft whose layers are copies of the target's `layer_ids`."""
+    config = ReducedVocabLlamaConfig(**_draft_fields(
+        target.config, num_hidden_layers=len(layer_ids), kept_token_ids=kept_token_ids, oov_embedding_rank=oov_rank,
+        architectures=["ReducedVocabLlamaForCausalLM"]))
+    draft = ReducedVocabLlamaForCausalLM(config)
+    _copy_vocabulary(draft, target, kept_token_ids, oov_rank)
     for draft_layer, target_layer in zip(draft.model.layers, layer_ids):
         draft_layer.load_state_dict(target.model.layers[target_layer].state_dict())
-    draft.model.norm.load_state_dict(target.model.norm.state_dict())
     return draft
 
 
-def _chunks(tensor: torch.Tensor, size: int):
-    return (tensor[i : i + size] for i in range(0, len(tensor), size))
+@torch.no_grad()
+def init_feature_draft(target, kept_token_ids: list[int], num_layers: int, oov_rank: int, seed: int = 0):
+    """A feature draft of `num_layers` fresh decoder layers of the target's shape. The fusion starts as the sum of the
+    token embedding and the feature (plus small noise), so that the first layer sees a sensible residual stream."""
+    torch.manual_seed(seed)
+    config = FeatureDraftConfig(**_draft_fields(
+        target.config, num_hidden_layers=num_layers, kept_token_ids=kept_token_ids, oov_embedding_rank=oov_rank,
+        architectures=["FeatureDraftForCausalLM"]))
+    draft = FeatureDraftForCausalLM(config)
+    _copy_vocabulary(draft, target, kept_token_ids, oov_rank)
+    hidden = config.hidden_size
+    fuse = draft.model.fuse
+    fuse.weight.normal_(0.0, 0.02 / math.sqrt(hidden)).add_(torch.cat([torch.eye(hidden), torch.eye(hidden)], 1))
+    fuse.bias.zero_()
+    return draft
+
+
+# ------------------------------------------------------------------------------------------------ batches
+@dataclass
+class TrainingBatch:
+    tokens: torch.Tensor  # [B, T] long, right-padded
+    features: torch.Tensor  # [B, T, H] float32: the target's LM-head input at every position
+    loss_mask: torch.Tensor  # [B, T]: position t predicts an assistant token (t + 1 is one)
+
+
+def collate(sequences: list[TeacherSequence], pad_token_id: int = 0) -> TrainingBatch:
+    length = max(len(s.tokens) for s in sequences)
+    hidden = sequences[0].features.shape[-1]
+    tokens = torch.full((len(sequences), length), pad_token_id, dtype=torch.long)
+    features = torch.zeros(len(sequences), length, hidden)
+    loss_mask = torch.zeros(len(sequences), length, dtype=torch.bool)
+    for row, s in enumerate(sequences):
+        n = len(s.tokens)
+        tokens[row, :n] = s.tokens
+        features[row, :n] = s.features.float()
+        loss_mask[row, : n - 1] = s.assistant[1:]
+    return TrainingBatch(tokens, features, loss_mask)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def kl_to_teacher(draft_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p || q), both given as logits over the same tokens."""
+    log_q = torch.log_softmax(draft_logits.float(), dim=-1)
+    log_p = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+def standalone_loss(draft, teacher_head: torch.nn.Linear, batch: TrainingBatch, bf16_autocast: bool = False) -> torch.Tensor:
+    """KL(p || q) at the batch's loss positions, q from the tokens up to each position."""
+    with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+        hidden = draft.model(input_ids=batch.tokens).last_hidden_state
+        kept_logits = draft.lm_head.kept_logits(hidden[batch.loss_mask])
+    return kl_to_teacher(kept_logits, teacher_head(batch.features[batch.loss_mask]))
+
+
+def unrolled_mask(length: int, step: int, device) -> torch.Tensor:
+    """Bool mask [T, step T] of unrolled step `step` (1-based) over the keys of steps 1..step: query t sees the
+    true-feature keys (step 1) up to t - step + 1 and, of each later step j, the key at t - step + j (its chain)."""
+    t = torch.arange(length, device=device)
+    blocks = [t[None, :] <= (t[:, None] - step + 1)]
+    blocks += [t[None, :] == (t[:, None] - step + j) for j in range(2, step + 1)]
+    return torch.cat(blocks, 1)
+
+
+def feature_unrolled(draft, tokens: torch.Tensor, features: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The feature draft's predicted features [B, T, H] at every position, for unrolled steps 1..`steps`: step 1 reads
+    the target's features (`features[t - 1]` with token t), step k its own step k - 1 prediction at t - 1. Step k at
+    position t is what a draft tree gives a node at depth k - 1 under a root at t - k + 1."""
+    batch, length = tokens.shape
+    positions = torch.arange(length, device=tokens.device).expand(batch, length)
+    cache = DynamicCache()
+    inputs = F.pad(features, (0, 0, 1, 0))[:, :-1]  # the feature before each token (zeros before the first)
+    predictions = []
+    for step in range(1, steps + 1):
+        mask = None if step == 1 else unrolled_mask(length, step, tokens.device)[None, None].expand(batch, 1, -1, -1)
+        hidden = draft.model(input_ids=tokens, features=inputs, attention_mask=mask, position_ids=positions,
+                             past_key_values=cache, use_cache=True).last_hidden_state
+        predictions.append(hidden)
+        inputs = F.pad(hidden, (0, 0, 1, 0))[:, :-1]
+    return predictions
+
+
+@dataclass(frozen=True)
+class FeatureLossOptions:
+    unroll: int = 3  # unrolled steps (tree depths trained for)
+    step_decay: float = 0.8
+    feature_weight: float = 0.1  # smooth-L1 of the predicted features against the target's
+
+
+def feature_loss(draft, teacher_head: torch.nn.Linear, batch: TrainingBatch, bf16_autocast: bool = False,
+                 options: FeatureLossOptions = FeatureLossOptions(), per_step: list | None = None) -> torch.Tensor:
+    """Sum over unrolled steps k of step_decay^(k-1) (KL(p || q_k) + feature_weight * smooth-L1), at the batch's loss
+    positions that have a chain of k - 1 real predecessors. `per_step` (a list) receives each step's KL."""
+    length = batch.tokens.shape[1]
+    with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+        predictions = feature_unrolled(draft, batch.tokens, batch.features, options.unroll)
+    total = 0.0
+    for step, hidden in enumerate(predictions, start=1):
+        where = batch.loss_mask & (torch.arange(length) >= step - 1)
+        predicted = hidden[where]
+        with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+            kept_logits = draft.lm_head.kept_logits(predicted)
+        kl = kl_to_teacher(kept_logits, teacher_head(batch.features[where]))
+        regression = F.smooth_l1_loss(predicted.float(), batch.features[where])
+        total = total + options.step_decay ** (step - 1) * (kl + options.feature_weight * regression)
+        if per_step is not None:
+            per_step.append(kl.item())
+    return total
+
+
+def loss_for(draft) -> Callable:
+    return feature_loss if reads_target_features(draft) else standalone_loss
 
 
 # ------------------------------------------------------------------------------------------------ training
-@dataclass
-class TrainingBatch:
-    input_ids: torch.Tensor  # [B, T], right-padded
-    attention_mask: torch.Tensor  # [B, T]
-    loss_mask: torch.Tensor  # [B, T]: positions whose next token the target generated
-    teacher_hidden: torch.Tensor  # [loss_mask.sum(), H], in loss_mask (row-major) order
-
-
-def collate(samples: list[TeacherSample], pad_token_id: int) -> TrainingBatch:
-    length = max(len(sample.token_ids) for sample in samples)
-    input_ids = torch.full((len(samples), length), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-    loss_mask = torch.zeros((len(samples), length), dtype=torch.bool)
-    for row, sample in enumerate(samples):
-        input_ids[row, : len(sample.token_ids)] = sample.token_ids
-        attention_mask[row, : len(sample.token_ids)] = 1
-        loss_mask[row, sample.prompt_len - 1 : len(sample.token_ids) - 1] = True
-    teacher_hidden = torch.cat([sample.hidden for sample in samples])
-    return TrainingBatch(input_ids, attention_mask, loss_mask, teacher_hidden)
-
-
-def distillation_loss(
-    draft, teacher_head: torch.nn.Linear, batch: TrainingBatch, bf16_autocast: bool = False
-) -> torch.Tensor:
-    """Mean KL(p || q) over the batch's generated positions, p renormalised over the draft's vocabulary.
-
-    `teacher_head` = `head_rows(target head, draft kept_token_ids)`: p comes from the recorded hidden states
-    (always in fp32; `bf16_autocast` only speeds up the draft's own forward and backward).
-    """
-    with torch.autocast(batch.input_ids.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
-        hidden = draft.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        kept_logits = draft.lm_head.kept_logits(hidden[batch.loss_mask])
-    log_q = torch.log_softmax(kept_logits.float(), dim=-1)
-    log_p = torch.log_softmax(teacher_head(batch.teacher_hidden), dim=-1)
-    return torch.nn.functional.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
-
-
-def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """Sample indices per batch for one epoch: shuffled, then similar lengths grouped to waste less padding."""
+def epoch_batches(lengths: list[int], batch_tokens: int, seed: int, epoch: int) -> list[list[int]]:
+    """Sequence indices per batch for one epoch: shuffled, similar lengths grouped, at most `batch_tokens` padded
+    positions per batch (one sequence at least)."""
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    window = batch_size * 16
+    window = 256
     batches = []
     for start in range(0, len(order), window):
         group = sorted(order[start : start + window], key=lambda index: lengths[index])
-        batches.extend(group[i : i + batch_size] for i in range(0, len(group), batch_size))
+        current: list[int] = []
+        for index in group:
+            if current and (len(current) + 1) * max(lengths[index], lengths[current[-1]]) > batch_tokens:
+                batches.append(current)
+                current = []
+            current.append(index)
+        if current:
+            batches.append(current)
     rng.shuffle(batches)
     return batches
 
 
-def batch_stream(lengths: list[int], batch_size: int, seed: int, start_step: int):
+def batch_stream(lengths: list[int], batch_tokens: int, seed: int, start_step: int):
     """Endless batches over repeated epochs, starting at `start_step` (the same stream after a resume)."""
     epoch, step = 0, 0
     while True:
-        for batch in epoch_batches(lengths, batch_size, seed, epoch):
+        for batch in epoch_batches(lengths, batch_tokens, seed, epoch):
             if step >= start_step:
                 yield batch
             step += 1
@@ -295,7 +268,7 @@ def batch_stream(lengths: list[int], batch_size: int, seed: int, start_step: int
 @dataclass
 class TrainingOptions:
     steps: int = 1000
-    batch_size: int = 16  # sequences per step
+    batch_tokens: int = 8192  # padded positions per step
     lr: float = 1e-3
     warmup_steps: int = 30
     final_lr_fraction: float = 0.1  # cosine decay from lr to lr * this
@@ -303,37 +276,39 @@ class TrainingOptions:
     checkpoint_every: int = 50
     seed: int = 0
     bf16_autocast: bool = True  # ~2x faster training on CPUs with bf16 matmuls (AVX512-BF16 / AMX)
+    feature: FeatureLossOptions = field(default_factory=FeatureLossOptions)
 
 
-def train_draft(
-    draft,
-    teacher_head: torch.nn.Linear,
-    samples: list[TeacherSample],
-    options: TrainingOptions,
-    checkpoint_path: Path,
-    resume: bool,
-    pad_token_id: int,
-):
-    """Train `draft` in place on `samples`; checkpoints to `checkpoint_path`, resuming from it if asked."""
+def train_draft(draft, teacher_head: torch.nn.Linear, data: TeacherData, options: TrainingOptions,
+                checkpoint_path: Path, resume: bool, pad_token_id: int = 0):
+    """Train `draft` (either kind) in place on `data`; checkpoints to `checkpoint_path`, resuming from it if asked."""
     draft.train()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, options))
     start_step = 0
     if resume and checkpoint_path.exists():
         start_step = _load_checkpoint(checkpoint_path, draft, optimizer, schedule)
-    batches = batch_stream([len(s.token_ids) for s in samples], options.batch_size, options.seed, start_step)
-    progress = tqdm(range(start_step, options.steps), desc="distilling", unit="step", initial=start_step, total=options.steps)
-    recent_kl = collections.deque(maxlen=20)
+    batches = batch_stream(data.lengths(), options.batch_tokens, options.seed, start_step)
+    is_feature = reads_target_features(draft)
+    progress = tqdm(range(start_step, options.steps), desc="distilling", unit="step", initial=start_step,
+                    total=options.steps)
+    recent = collections.deque(maxlen=20)
     for step in progress:
-        batch = collate([samples[i] for i in next(batches)], pad_token_id)
-        loss = distillation_loss(draft, teacher_head, batch, options.bf16_autocast)
+        batch = collate([data[i] for i in next(batches)], pad_token_id)
+        per_step: list[float] = []
+        if is_feature:
+            loss = feature_loss(draft, teacher_head, batch, options.bf16_autocast, options.feature, per_step)
+        else:
+            loss = standalone_loss(draft, teacher_head, batch, options.bf16_autocast)
+            per_step.append(loss.item())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), options.grad_clip)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        recent_kl.append(loss.item())
-        progress.set_postfix(kl=f"{sum(recent_kl) / len(recent_kl):.3f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
+        recent.append(per_step)
+        mean = [sum(r[k] for r in recent) / len(recent) for k in range(len(per_step))]
+        progress.set_postfix(kl="/".join(f"{m:.3f}" for m in mean), lr=f"{schedule.get_last_lr()[0]:.2e}")
         if (step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps:
             _save_checkpoint(checkpoint_path, step + 1, draft, optimizer, schedule)
     return draft.eval()
@@ -368,10 +343,18 @@ def _load_checkpoint(path: Path, draft, optimizer, schedule) -> int:
     return state["step"]
 
 
-def draft_from_checkpoint(path: Path) -> ReducedVocabLlamaForCausalLM:
+DRAFT_CLASSES = {
+    FeatureDraftConfig.model_type: (FeatureDraftConfig, FeatureDraftForCausalLM),
+    ReducedVocabLlamaConfig.model_type: (ReducedVocabLlamaConfig, ReducedVocabLlamaForCausalLM),
+}
+
+
+def draft_from_checkpoint(path: Path):
     """The draft saved in a training checkpoint (to resume without re-choosing its vocabulary)."""
     state = torch.load(path)
-    draft = ReducedVocabLlamaForCausalLM(ReducedVocabLlamaConfig(**state["draft_config"]))
+    fields = dict(state["draft_config"])
+    config_class, model_class = DRAFT_CLASSES[fields.pop("model_type")]
+    draft = model_class(config_class(**fields))
     draft.load_state_dict(state["draft"])
     return draft
 

@@ -136,6 +136,11 @@ def make_decoder(target: ModelBackend, draft: ModelBackend | None, config: Specu
     to the speculative loop."""
     if draft is not None and draft.vocab_size != target.vocab_size:
         raise ValueError(f"draft vocabulary ({draft.vocab_size}) differs from the target's ({target.vocab_size})")
+    if draft is not None and getattr(draft, "reads_features", False) and draft.hidden_size != target.hidden_size:
+        raise ValueError(
+            f"the feature draft reads hidden states of size {draft.hidden_size}, but the target's are of size "
+            f"{target.hidden_size}: it was trained for another target; use the draft trained for this one"
+        )
     returns_dict = generation_config.return_dict_in_generate
     return SpeculativeDecoder(
         target=target,

@@ -20,6 +20,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from transformers.generation import stopping_criteria as sc
 
 from hf_specdec.backends.base import ModelBackend
@@ -137,12 +138,13 @@ class DecodeState:
     root_positions: torch.Tensor  # [A] position id of the last committed token (the next step's root)
     target_layout: CacheLayout
     draft_layout: CacheLayout | None
-    # the draft's inputs not yet in its cache: [A, 2] a leaf of the last step it never ran, then the root
-    draft_pending: torch.Tensor | None
-    draft_pending_valid: torch.Tensor | None
+    # the draft's inputs not yet in its cache, right-aligned in K slots, the root last (see `DraftInputs`)
+    draft_pending: torch.Tensor | None  # [A, K] tokens
+    draft_pending_valid: torch.Tensor | None  # [A, K]
+    draft_pending_features: torch.Tensor | None  # [A, K, H] the target's feature before each (feature drafts)
     host_rows: list[int]
     host_lengths: list[int]  # committed tokens (left padding included) per active row
-    host_leaf_pending: list[bool]  # draft_pending_valid[:, 0]
+    host_pending: list[int]  # valid entries of draft_pending per row
 
     def select(self, keep: list[int]) -> torch.Tensor:
         """Keep these active rows; returns their index tensor (the backends select the same)."""
@@ -152,10 +154,40 @@ class DecodeState:
         if self.draft_layout is not None:
             self.draft_layout.select_rows(index)
             self.draft_pending, self.draft_pending_valid = self.draft_pending[index], self.draft_pending_valid[index]
+            if self.draft_pending_features is not None:
+                self.draft_pending_features = self.draft_pending_features[index]
         self.host_rows = [self.host_rows[a] for a in keep]
         self.host_lengths = [self.host_lengths[a] for a in keep]
-        self.host_leaf_pending = [self.host_leaf_pending[a] for a in keep]
+        self.host_pending = [self.host_pending[a] for a in keep]
         return index
+
+
+@dataclass(frozen=True)
+class DraftInputs:
+    """What the draft reads and keeps, by kind of draft.
+
+    A standalone draft (tokens only) keeps the K/V of every accepted node it ran: its pending inputs are at most the
+    deepest accepted node (when it was a leaf the draft never ran) and the root, K = 2.
+    A feature draft (`reads_features`) reads the target's feature at the previous position with every token; its tree
+    nodes ran on its own predicted features, so their K/V are dropped, and the accepted path is read again with the
+    target's features: its pending inputs are the accepted path and the root, K = depth + 1."""
+
+    reads_features: bool
+    width: int  # K
+
+    @classmethod
+    def for_draft(cls, draft: ModelBackend, config: SpeculativeConfig) -> "DraftInputs":
+        reads = bool(getattr(draft, "reads_features", False))
+        return cls(reads, config.depth + 1 if reads else 2)
+
+    def unkept_accepted(self, num_accepted: int, levels_run: int) -> int:
+        """Accepted nodes whose draft K/V is not kept (they become pending inputs)."""
+        return num_accepted if self.reads_features else max(num_accepted - levels_run, 0)
+
+
+def gather_nodes(values: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+    """values [A, N, H] at nodes [A, n] -> [A, n, H]."""
+    return values.gather(1, nodes[..., None].expand(-1, -1, values.shape[-1]))
 
 
 @dataclass
@@ -220,6 +252,7 @@ class SpeculativeDecoder:
         self.profile = profile
         self.rule = rule_for_method(config.method, do_sample)
         self.drafter = make_drafter(config, greedy=not do_sample) if config.is_speculative else None
+        self.draft_inputs = DraftInputs.for_draft(draft, config) if self.drafter is not None else None
         self._draft_probs = DraftProbsBuffer()  # storage reused by every step, not state
 
     # ------------------------------------------------------------------ public
@@ -275,20 +308,44 @@ class SpeculativeDecoder:
             root_positions=root_positions,
             target_layout=CacheLayout(batch, device),
             draft_layout=CacheLayout(batch, device) if self.drafter is not None else None,
-            draft_pending=input_ids.new_zeros(batch, 2) if self.drafter is not None else None,
-            draft_pending_valid=torch.zeros(batch, 2, dtype=torch.bool, device=device) if self.drafter is not None else None,
+            draft_pending=None,
+            draft_pending_valid=None,
+            draft_pending_features=None,
             host_rows=list(range(batch)),
             host_lengths=[input_ids.shape[1]] * batch,
-            host_leaf_pending=[False] * batch,
+            host_pending=[1] * batch,
         )
-        models = [(self.target, state.target_layout)]
-        if self.drafter is not None:
-            models.append((self.draft, state.draft_layout))
-        for backend, layout in models:
-            backend.reset(batch, prompt_lengths)
-            if input_ids.shape[1] > 1:
-                slots = layout.append(attention_mask[:, :-1], positions[:, :-1])
-                backend.prefill(input_ids[:, :-1], positions[:, :-1], layout.mask(slots), layout.positions)
+        reads_features = self.drafter is not None and self.draft_inputs.reads_features
+        self.target.reset(batch, prompt_lengths)
+        features = None
+        if input_ids.shape[1] > 1:
+            slots = state.target_layout.append(attention_mask[:, :-1], positions[:, :-1])
+            features = self.target.prefill(input_ids[:, :-1], positions[:, :-1], state.target_layout.mask(slots),
+                                           state.target_layout.positions, return_features=reads_features)
+        if self.drafter is None:
+            return state
+        # the draft's first pending input: the root, the last prompt token (with the feature before it)
+        width = self.draft_inputs.width
+        state.draft_pending = input_ids.new_zeros(batch, width)
+        state.draft_pending[:, -1] = input_ids[:, -1]
+        state.draft_pending_valid = torch.zeros(batch, width, dtype=torch.bool, device=device)
+        state.draft_pending_valid[:, -1] = True
+        self.draft.reset(batch, prompt_lengths)
+        if reads_features:
+            state.draft_pending_features = torch.zeros(batch, width, self.target.hidden_size, device=device,
+                                                       dtype=features.dtype if features is not None else torch.float32)
+        if input_ids.shape[1] == 1:
+            return state
+        draft_features = None
+        if reads_features:
+            # token t is read with the target's feature at t - 1; a row's first real token with zeros
+            before = F.pad(attention_mask[:, :-1], (1, 0), value=False)[..., None]  # [B, P, 1]: t - 1 is a real token
+            shifted = F.pad(features, (0, 0, 1, 0))
+            draft_features = shifted[:, :-1] * before[:, :-1]
+            state.draft_pending_features[:, -1] = shifted[:, -1] * before[:, -1]
+        slots = state.draft_layout.append(attention_mask[:, :-1], positions[:, :-1])
+        self.draft.prefill(input_ids[:, :-1], positions[:, :-1], state.draft_layout.mask(slots),
+                           state.draft_layout.positions, features=draft_features)
         return state
 
     def _step(self, state: DecodeState, out: Output, stop: StopRule, timer: _Timer) -> None:
@@ -308,7 +365,7 @@ class SpeculativeDecoder:
             draft_probs=self._draft_probs.take((len(rows), self.config.tree_size + 1, self.target.vocab_size), device)
             if (self.do_sample and depth > 0) else None,
         )
-        draft = self._draft(state, out, tree, root_tokens, depth) if depth > 0 else None
+        draft = self._draft(state, out, tree, depth) if depth > 0 else None
         tock = timer.now()
 
         size = tree.size
@@ -318,7 +375,9 @@ class SpeculativeDecoder:
         target_start = state.target_layout.length
         slots = state.target_layout.append(tree.valid[:, :size], positions, torch.where(node_ids == 0, -1, node_ids))
         mask = state.target_layout.mask(slots, tree.ancestors)
-        logits = self.target.forward(tokens, positions, mask, state.target_layout.positions)
+        logits, target_features = self.target.forward(
+            tokens, positions, mask, state.target_layout.positions,
+            return_features=draft is not None and self.draft_inputs.reads_features)
         tick2 = timer.now()
 
         scores = self.scorer(logits, out.sequences[rows], tree.path_tokens[:, :size], rows, lengths, tree.node_depths())
@@ -345,29 +404,34 @@ class SpeculativeDecoder:
         else:
             summary = self._commit_per_token(state, out, stop, new_tokens, result.num_accepted)
         self._record(state, out, summary, result.accepted_nodes, new_tokens, scores, logits)
-        self._keep_accepted(state, target_start, result.accepted_nodes, result.num_accepted, result.next_tokens,
-                            tree, draft, summary)
+        self._keep_accepted(state, target_start, result.accepted_nodes, result.num_accepted, new_tokens,
+                            draft, target_features, summary)
         if any(summary.finished):
             self._drop_rows(state, [a for a, done in enumerate(summary.finished) if not done])
 
-    def _draft(self, state: DecodeState, out: Output, tree: DraftTree, root_tokens: torch.Tensor, depth: int) -> DraftStep:
+    def _draft(self, state: DecodeState, out: Output, tree: DraftTree, depth: int) -> DraftStep:
         """Grow the draft tree to `depth` levels."""
-        batch = len(state.rows)
+        batch, device = len(state.rows), state.rows.device
         layout = state.draft_layout
         draft_state = self.drafter.start(tree)
-        # level 0: the pending inputs, the root last; its logits give q at the root
-        state.draft_pending[:, 1] = root_tokens
-        state.draft_pending_valid[:, 1] = True
-        pending_positions = (state.root_positions[:, None] + torch.tensor([-1, 0], device=root_tokens.device)).clamp(min=0)
+        # level 0: the pending inputs, right-aligned, the root last; its logits give q at the root
+        width = state.draft_pending.shape[1]
+        pending_positions = (state.root_positions[:, None] + torch.arange(1 - width, 1, device=device)).clamp(min=0)
         block_start = layout.length
         pending_slots = layout.append(state.draft_pending_valid, pending_positions)
-        mask = layout.mask(pending_slots)
-        logits = self.draft.forward(state.draft_pending, pending_positions, mask, layout.positions)[:, -1:]
+        logits, features = self.draft.forward(state.draft_pending, pending_positions, layout.mask(pending_slots),
+                                              layout.positions, features=state.draft_pending_features)
+        logits = logits[:, -1:]
         out.stats.draft_calls += 1
+        # a feature draft's input at a node is its own predicted feature of the node's parent
+        node_features = None
+        if features is not None:
+            node_features = features.new_zeros(batch, tree.tokens.shape[1], features.shape[-1])
+            node_features[:, 0] = features[:, -1]
         # cache slot of every node the draft has run (the root's slot is among the pending ones)
-        node_slots = torch.full((batch, tree.tokens.shape[1]), -1, dtype=torch.long, device=root_tokens.device)
-        frontier = torch.zeros(batch, 1, dtype=torch.long, device=root_tokens.device)
-        frontier_valid = torch.ones(batch, 1, dtype=torch.bool, device=root_tokens.device)
+        node_slots = torch.full((batch, tree.tokens.shape[1]), -1, dtype=torch.long, device=device)
+        frontier = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        frontier_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
         levels_run = 0
         first = 0  # the frontier's nodes: first .. tree.size - 1
         for level in range(1, depth + 1):
@@ -380,8 +444,12 @@ class SpeculativeDecoder:
             positions = (state.root_positions[:, None] + level).expand_as(new_nodes)
             slots = layout.append(new_valid, positions, new_nodes)
             mask = layout.mask(slots, tree.ancestors)
-            logits = self.draft.forward(tree.tokens.gather(1, new_nodes), positions, mask, layout.positions)
+            parent_features = None if node_features is None else gather_nodes(node_features, tree.parents.gather(1, new_nodes).clamp(min=0))
+            logits, features = self.draft.forward(tree.tokens.gather(1, new_nodes), positions, mask, layout.positions,
+                                                  features=parent_features)
             out.stats.draft_calls += 1
+            if node_features is not None:
+                node_features.scatter_(1, new_nodes[..., None].expand_as(features), features)
             node_slots.scatter_(1, new_nodes, slots)
             frontier, frontier_valid = new_nodes, new_valid
             levels_run = level
@@ -489,7 +557,8 @@ class SpeculativeDecoder:
         if self.streamer is not None:
             self.streamer.put(new_tokens[0, : summary.committed[0]].cpu())
 
-    def _keep_accepted(self, state, target_start, accepted, num_accepted, next_tokens, tree, draft, summary) -> None:
+    def _keep_accepted(self, state, target_start, accepted, num_accepted, new_tokens, draft, target_features,
+                       summary) -> None:
         """Both caches keep the root and the accepted path; the next token becomes the next step's root."""
         width = max(summary.num_accepted)
         root = accepted.new_zeros(len(accepted), 1)
@@ -499,15 +568,19 @@ class SpeculativeDecoder:
         self.target.keep(target_start, keep_slots)
         state.target_layout.keep(target_start, keep_slots, keep_valid)
         if draft is not None:
-            self._keep_draft(state, draft, accepted, num_accepted, tree, next_tokens, summary)
+            self._keep_draft(state, draft, accepted, num_accepted, new_tokens, target_features, summary)
         state.root_positions = state.root_positions + num_accepted + 1
 
-    def _keep_draft(self, state, draft: DraftStep, accepted, num_accepted, tree, next_tokens, summary) -> None:
-        """The draft keeps its pending inputs and the accepted nodes it ran (levels 1..levels_run), compacted."""
+    def _keep_draft(self, state, draft: DraftStep, accepted, num_accepted, new_tokens, target_features,
+                    summary) -> None:
+        """The draft keeps its pending inputs and, unless it reads features, the accepted nodes it ran (levels
+        1..levels_run), compacted. Its next pending inputs: the accepted nodes it keeps no K/V of, then the next token
+        (right-aligned, see `DraftInputs`)."""
+        inputs = self.draft_inputs
         node_slots = draft.node_slots.gather(1, accepted.clamp(min=0))
-        processed = (accepted >= 0) & (node_slots >= 0)
-        # per row: the valid pending inputs (the root always) and the accepted nodes the draft ran
-        kept = [int(leaf) + 1 + min(n, draft.levels_run) for leaf, n in zip(state.host_leaf_pending, summary.num_accepted)]
+        processed = (accepted >= 0) & (node_slots >= 0) & (not inputs.reads_features)
+        unkept = [inputs.unkept_accepted(n, draft.levels_run) for n in summary.num_accepted]
+        kept = [pending + n - u for pending, n, u in zip(state.host_pending, summary.num_accepted, unkept)]
         keep_valid, keep_slots = compact_rows(
             torch.cat([state.draft_pending_valid, processed], 1),
             torch.cat([draft.pending_slots, node_slots.clamp(min=draft.block_start)], 1),
@@ -515,12 +588,17 @@ class SpeculativeDecoder:
         )
         self.draft.keep(draft.block_start, keep_slots)
         state.draft_layout.keep(draft.block_start, keep_slots, keep_valid)
-        # the deepest accepted node is pending if the draft never ran it (a node of the last level)
-        last = accepted.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-        leaf_pending = (num_accepted > 0) & (draft.node_slots.gather(1, last.clamp(min=0)[:, None]).squeeze(1) < 0)
-        state.draft_pending = torch.stack([tree.tokens.gather(1, last.clamp(min=0)[:, None]).squeeze(1), next_tokens], 1)
-        state.draft_pending_valid = torch.stack([leaf_pending, torch.ones_like(leaf_pending)], 1)
-        state.host_leaf_pending = [n > draft.levels_run for n in summary.num_accepted]
+        # pending slot k holds new token j = n - (K - 1) + k: valid from the first unkept accepted node on
+        width = inputs.width
+        index = num_accepted[:, None] - (width - 1) + torch.arange(width, device=accepted.device)
+        num_unkept = num_accepted if inputs.reads_features else (num_accepted - draft.levels_run).clamp(min=0)
+        state.draft_pending = new_tokens.gather(1, index.clamp(min=0))
+        state.draft_pending_valid = index >= (num_accepted - num_unkept)[:, None]
+        if inputs.reads_features:
+            # the feature before new token j: the target's at the root (j = 0) or at accepted node j - 1
+            sources = torch.cat([accepted.new_zeros(len(accepted), 1), accepted.clamp(min=0)], 1)
+            state.draft_pending_features = gather_nodes(target_features, sources.gather(1, index.clamp(min=0)))
+        state.host_pending = [u + 1 for u in unkept]
 
     def _drop_rows(self, state: DecodeState, keep: list[int]) -> None:
         if not keep:

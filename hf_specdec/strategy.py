@@ -23,6 +23,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_pays
 from hf_specdec.backends.hf import HFBackend, check_runnable
 from hf_specdec.config import SpeculativeConfig
+from hf_specdec.feature_draft import check_feature_draft, reads_target_features
 from hf_specdec.generation import make_decoder
 from hf_specdec.loop import SpeculativeStats
 from hf_specdec.rope import check_supported as check_rope_supported
@@ -124,6 +125,8 @@ def _validate(model, draft_model, config: SpeculativeConfig, generation_config, 
             "target's tokenizer; if only the embedding padding differs, call "
             f"draft_model.resize_token_embeddings({target_vocab})"
         )
+    if reads_target_features(draft_model):
+        check_feature_draft(draft_model, model)
 
 
 def _sampling_temperature(generation_config) -> float:

@@ -1,11 +1,15 @@
-"""Distillation plumbing on a tiny random Llama: teacher data, draft initialisation, training, resume, saving."""
+"""Teacher data by teacher forcing, vocabulary choice, both draft kinds' initialisation, training, resume, saving and
+measurement, on a tiny random Llama with a word-level chat template."""
+
+import json
 
 import pytest
 import torch
-from draft_fixtures import EOS_ID, VOCAB_SIZE, prompts, tiny_target, tiny_tokenizer
+from draft_fixtures import VOCAB_SIZE, tiny_target
+from feature_fixtures import chat_tokenizer, exact_feature_pair, sampled_chats
 from transformers import AutoModelForCausalLM
 
-from hf_specdec import data, distill, draft_quality
+from hf_specdec import data, distill, draft_quality, teacher
 from hf_specdec.cli import build_parser
 from hf_specdec.draft_model import ReducedVocabLlamaForCausalLM
 
@@ -18,62 +22,122 @@ def target():
 
 
 @pytest.fixture(scope="module")
-def samples(target, tmp_path_factory):
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("teacher")
-    return distill.generate_teacher_data(target, tiny_tokenizer(), prompts(12), out, batch_size=5, max_new_tokens=10, seed=0)
+def chats(target):
+    return sampled_chats(target, 40, length=20)
 
 
-def test_teacher_data_records_the_exact_target_distribution(target, samples):
-    assert len(samples) == 12
+def build(target, chats, directory, positions=900):
+    return teacher.build_teacher_data(target, chat_tokenizer(VOCAB_SIZE), directory, positions=positions, max_tokens=40,
+                                      shard_positions=256, chats=chats, log=lambda *args: None)
+
+
+@pytest.fixture(scope="module")
+def teacher_data(target, chats, tmp_path_factory):
+    return build(target, chats, tmp_path_factory.mktemp("teacher"))
+
+
+def test_teacher_forcing_stores_the_targets_lm_head_input_at_every_position(target, teacher_data):
+    assert teacher_data.positions >= 900 and len(teacher_data.manifest["shards"]) > 1
     head = target.get_output_embeddings()
-    for sample in samples:
-        generated = sample.token_ids[sample.prompt_len :]
-        assert 1 <= len(generated) <= 10 and not (generated[:-1] == EOS_ID).any()
+    for i in range(len(teacher_data)):
+        sequence = teacher_data[i]
+        assert sequence.features.dtype == torch.float16 and len(sequence.features) == len(sequence.tokens) <= 40
         with torch.no_grad():
-            logits = target(sample.token_ids[None].long()).logits[0]
-        positions = torch.arange(sample.prompt_len - 1, len(sample.token_ids) - 1)
-        expected = torch.log_softmax(logits[positions], dim=-1)
-        recorded = torch.log_softmax(head(sample.hidden), dim=-1)
-        torch.testing.assert_close(recorded, expected, atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(sample.logsumexp, logits[positions].logsumexp(-1), atol=1e-4, rtol=1e-4)
+            logits = target(sequence.tokens[None].long()).logits[0]
+            torch.testing.assert_close(head(sequence.features.float()), logits, atol=2e-2, rtol=1e-2)
 
 
-def test_teacher_data_is_reused_from_disk(target, tmp_path):
-    first = distill.generate_teacher_data(target, tiny_tokenizer(), prompts(3), tmp_path, 2, 6, seed=0)
-    again = distill.generate_teacher_data(None, tiny_tokenizer(), prompts(3), tmp_path, 2, 6, seed=0)
-    assert [s.token_ids.tolist() for s in again] == [s.token_ids.tolist() for s in first]
+def test_assistant_tokens_are_the_replies_and_their_end_of_turn():
+    tokenizer = chat_tokenizer(VOCAB_SIZE)
+    chat = [{"role": "user", "content": "w5 w6"}, {"role": "assistant", "content": "w7 w8 w9"},
+            {"role": "user", "content": "w10"}, {"role": "assistant", "content": "w11"}]
+    ids, assistant = teacher.tokenize_conversation(tokenizer, chat, max_tokens=100)
+    words = tokenizer.convert_ids_to_tokens(ids.tolist())
+    assert words == "<s> w3 w5 w6 </s> <s> w4 w7 w8 w9 </s> <s> w3 w10 </s> <s> w4 w11 </s>".split()
+    assert [w for w, a in zip(words, assistant) if a] == ["w7", "w8", "w9", "</s>", "w11", "</s>"]
+    cut_ids, cut_assistant = teacher.tokenize_conversation(tokenizer, chat, max_tokens=8)
+    assert cut_ids.tolist() == ids[:8].tolist() and cut_assistant.tolist() == assistant[:8].tolist()
+    assert teacher.tokenize_conversation(tokenizer, chat, max_tokens=6) is None  # no assistant token left
 
 
-def test_kept_tokens_are_the_most_probable_plus_specials(target, samples):
+def test_teacher_data_resumes_and_refuses_another_recipe(target, chats, teacher_data, tmp_path):
+    first = build(target, chats, tmp_path)
+    shards = first.manifest["shards"]
+    saved = (tmp_path / shards[1]).read_bytes()
+    (tmp_path / shards[1]).unlink()  # as if the run had been killed there
+    again = build(target, chats, tmp_path)
+    assert (tmp_path / shards[1]).read_bytes() == saved and len(again) == len(first)
+    with pytest.raises(ValueError, match="another recipe"):
+        build(target, chats, tmp_path, positions=500)
+
+
+def test_kept_tokens_are_the_most_probable_plus_specials(target, teacher_data):
     head = target.get_output_embeddings()
-    kept = distill.choose_kept_tokens(samples, head, 10, always_keep=[0, 1, 2])
+    kept = distill.choose_kept_tokens(teacher_data, head, 10, always_keep=[0, 1, 2])
     assert len(kept) == 10 and kept == sorted(kept) and {0, 1, 2} <= set(kept)
-    mass = torch.softmax(head(torch.cat([s.hidden for s in samples])), dim=-1).sum(0).detach()
-    assert mass[kept].sum() >= mass.topk(7).values.sum() + mass[[0, 1, 2]].sum() - 1e-3
+    features = torch.cat([teacher_data[i].features[:-1][teacher_data[i].assistant[1:]] for i in range(len(teacher_data))])
+    with torch.no_grad():
+        mass = torch.softmax(head(features.float()), dim=-1).sum(0)
+    assert mass[kept].sum() >= mass.topk(7).values.sum() + mass[[0, 1, 2]].sum() - 1e-2
 
 
-def test_draft_with_all_tokens_and_layers_reproduces_the_target(target):
-    draft = distill.init_draft_from_target(target, list(range(VOCAB_SIZE)), [0, 1, 2], oov_rank=4).eval()
+def test_standalone_draft_with_all_tokens_and_layers_reproduces_the_target(target):
+    draft = distill.init_standalone_draft(target, list(range(VOCAB_SIZE)), [0, 1, 2], oov_rank=4).eval()
     tokens = torch.randint(VOCAB_SIZE, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(draft(tokens).logits, target(tokens).logits)
 
 
-def test_training_lowers_the_kl_and_resumes_where_it_stopped(target, samples, tmp_path, monkeypatch):
+def test_unrolled_masks_follow_a_draft_tree_chain():
+    mask = distill.unrolled_mask(6, 3, "cpu")  # step 3: query t is the depth-2 node under the root t - 2
+    assert mask.shape == (6, 18)
+    t = 4
+    assert mask[t, :6].nonzero().flatten().tolist() == [0, 1, 2]  # true-feature keys up to the root
+    assert mask[t, 6:12].nonzero().flatten().tolist() == [3]  # the depth-1 node of its chain
+    assert mask[t, 12:].nonzero().flatten().tolist() == [4]  # itself
+
+
+def test_unrolled_feature_predictions_are_what_the_loop_computes():
+    """Step k of the unrolled forward at t equals the draft run as the loop runs it: the true-feature prefix up to
+    t - k + 1 in the cache, then a chain of its own predicted features."""
+    target, draft = exact_feature_pair(vocab_size=VOCAB_SIZE)
+    torch.nn.init.normal_(draft.model.fuse.weight, std=0.3)  # make the draft read its features
+    tokens = torch.randint(3, VOCAB_SIZE, (1, 10))
+    features = teacher.lm_head_inputs(target, tokens[0])[None]
+    with torch.no_grad():
+        unrolled = distill.feature_unrolled(draft, tokens, features, 3)
+        root = 5
+        inputs = torch.nn.functional.pad(features, (0, 0, 1, 0))[:, :-1]
+        hidden = draft(tokens[:, : root + 1], inputs[:, : root + 1]).features[:, -1:]
+        torch.testing.assert_close(unrolled[0][:, root], hidden[:, 0], atol=1e-5, rtol=1e-5)
+        chain_tokens, chain_features = tokens[:, : root + 1], inputs[:, : root + 1]
+        for step in (2, 3):
+            chain_tokens = torch.cat([chain_tokens, tokens[:, root + step - 1 : root + step]], 1)
+            chain_features = torch.cat([chain_features, hidden], 1)
+            hidden = draft(chain_tokens, chain_features).features[:, -1:]
+            torch.testing.assert_close(unrolled[step - 1][:, root + step - 1], hidden[:, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("draft_type", distill.DRAFT_TYPES)
+def test_training_lowers_the_kl_and_resumes_where_it_stopped(draft_type, target, teacher_data, tmp_path, monkeypatch):
     def fresh_draft():
-        return distill.init_draft_from_target(target, KEPT, [0, 2], oov_rank=4)
+        if draft_type == "feature":
+            return distill.init_feature_draft(target, KEPT, 1, oov_rank=4)
+        return distill.init_standalone_draft(target, KEPT, [0, 2], oov_rank=4)
 
     teacher_head = distill.head_rows(target.get_output_embeddings(), KEPT)
-    batch = distill.collate(samples, pad_token_id=0)
-    options = distill.TrainingOptions(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, checkpoint_every=3)
+    batch = distill.collate([teacher_data[i] for i in range(4)])
+    options = distill.TrainingOptions(steps=6, batch_tokens=160, lr=3e-3, warmup_steps=1, checkpoint_every=3,
+                                      bf16_autocast=False)
+
+    def kl(draft):
+        with torch.no_grad():
+            return distill.loss_for(draft)(draft, teacher_head, batch).item()
 
     straight = fresh_draft()
-    with torch.no_grad():
-        kl_before = distill.distillation_loss(straight, teacher_head, batch).item()
-    distill.train_draft(straight, teacher_head, samples, options, tmp_path / "straight.pt", False, 0)
-    with torch.no_grad():
-        assert distill.distillation_loss(straight, teacher_head, batch).item() < kl_before
+    kl_before = kl(straight)
+    distill.train_draft(straight, teacher_head, teacher_data, options, tmp_path / "straight.pt", False)
+    assert kl(straight) < kl_before
 
     class Crash(Exception):
         pass
@@ -85,16 +149,17 @@ def test_training_lowers_the_kl_and_resumes_where_it_stopped(target, samples, tm
     save_checkpoint = distill._save_checkpoint
     monkeypatch.setattr(distill, "_save_checkpoint", save_then_crash)
     with pytest.raises(Crash):  # killed right after the step-3 checkpoint
-        distill.train_draft(fresh_draft(), teacher_head, samples, options, tmp_path / "resumed.pt", False, 0)
+        distill.train_draft(fresh_draft(), teacher_head, teacher_data, options, tmp_path / "resumed.pt", False)
     monkeypatch.setattr(distill, "_save_checkpoint", save_checkpoint)
     resumed = distill.draft_from_checkpoint(tmp_path / "resumed.pt")
-    distill.train_draft(resumed, teacher_head, samples, options, tmp_path / "resumed.pt", True, 0)
+    assert type(resumed) is type(straight)
+    distill.train_draft(resumed, teacher_head, teacher_data, options, tmp_path / "resumed.pt", True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
 
-def test_saved_draft_loads_as_a_full_vocabulary_causal_lm(target, tmp_path):
-    draft = distill.init_draft_from_target(target, KEPT, [1], oov_rank=4).eval()
+def test_saved_standalone_draft_loads_as_a_full_vocabulary_causal_lm(target, tmp_path):
+    draft = distill.init_standalone_draft(target, KEPT, [1], oov_rank=4).eval()
     distill.save_draft(draft, tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert isinstance(loaded, ReducedVocabLlamaForCausalLM) and loaded.config.kept_token_ids == KEPT
@@ -112,14 +177,9 @@ def test_saved_draft_loads_as_a_full_vocabulary_causal_lm(target, tmp_path):
 
 def test_cli_distill_help_lists_the_options():
     help_text = build_parser()._subparsers._group_actions[0].choices["distill"].format_help()
-    for option in ("--target", "--prompts", "--steps", "--lr", "--batch-size", "--out", "--seed", "--resume"):
+    for option in ("--target", "--draft-type", "--teacher-dir", "--positions", "--steps", "--lr", "--batch-tokens",
+                   "--unroll", "--out", "--seed", "--resume"):
         assert option in help_text
-
-
-def test_teacher_data_from_other_prompts_is_refused(target, tmp_path):
-    distill.generate_teacher_data(target, tiny_tokenizer(), prompts(2), tmp_path, 2, 4, seed=0)
-    with pytest.raises(ValueError, match="other prompts or settings"):
-        distill.generate_teacher_data(target, tiny_tokenizer(), prompts(2, seed=1), tmp_path, 2, 4, seed=0)
 
 
 def test_sharegpt_split_is_disjoint_fixed_and_about_ten_percent_held_out():
@@ -127,13 +187,58 @@ def test_sharegpt_split_is_disjoint_fixed_and_about_ten_percent_held_out():
     assert not set(train) & set(heldout)
     assert 0.08 < len(heldout) / (len(train) + len(heldout)) < 0.12
     assert heldout[0] == data.user_messages("heldout")[0] and all(len(m) >= data.MIN_PROMPT_CHARS for m in heldout)
+    held_out = set(heldout)
+    for i, chat in zip(range(300), data.train_conversations()):  # conversations never start with a held-out prompt
+        assert chat[0]["content"] not in held_out and [m["role"] for m in chat[:2]] == ["user", "assistant"]
 
 
-def test_a_draft_equal_to_its_target_is_always_accepted(target, samples):
-    draft = distill.init_draft_from_target(target, list(range(VOCAB_SIZE)), [0, 1, 2], oov_rank=4).eval()
-    stats = draft_quality.acceptance(draft, target.get_output_embeddings(), samples)
+@pytest.fixture(scope="module")
+def heldout(target, tmp_path_factory):
+    from draft_fixtures import prompts, tiny_tokenizer
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("heldout")
+    return draft_quality.heldout_continuations(target, tiny_tokenizer(), prompts(12), out, batch_size=5,
+                                               max_new_tokens=10, seed=0, greedy=False)
+
+
+def test_heldout_continuations_record_the_exact_target_distribution_and_are_reused(target, heldout, tmp_path):
+    from draft_fixtures import EOS_ID, prompts, tiny_tokenizer
+
+    head = target.get_output_embeddings()
+    for sample in heldout:
+        generated = sample.token_ids[sample.prompt_len:]
+        assert 1 <= len(generated) <= 10 and not (generated[:-1] == EOS_ID).any()
+        with torch.no_grad():
+            logits = target(sample.token_ids[None].long()).logits[0]
+        positions = torch.arange(sample.prompt_len - 1, len(sample.token_ids) - 1)
+        torch.testing.assert_close(head(sample.hidden), logits[positions], atol=1e-4, rtol=1e-4)
+    first = draft_quality.heldout_continuations(target, tiny_tokenizer(), prompts(3), tmp_path, 2, 6, 0, greedy=False)
+    again = draft_quality.heldout_continuations(None, tiny_tokenizer(), prompts(3), tmp_path, 2, 6, 0, greedy=False)
+    assert [s.token_ids.tolist() for s in again] == [s.token_ids.tolist() for s in first]
+    with pytest.raises(ValueError, match="other prompts or settings"):
+        draft_quality.heldout_continuations(None, tiny_tokenizer(), prompts(3, seed=1), tmp_path, 2, 6, 0, greedy=False)
+
+
+def test_a_draft_equal_to_its_target_is_always_accepted(target, heldout):
+    draft = distill.init_standalone_draft(target, list(range(VOCAB_SIZE)), [0, 1, 2], oov_rank=4).eval()
+    stats = draft_quality.acceptance(draft, target, heldout)
     assert stats["alpha"] == pytest.approx(1.0, abs=1e-5) and stats["top1_agreement"] == 1.0
-    assert stats["positions"] == sum(s.generated_len for s in samples)
+    assert stats["positions"] == sum(s.generated_len for s in heldout)
     assert draft_quality.chain_block_efficiency(1.0, 4) == 5 and draft_quality.chain_block_efficiency(0.5, 1) == 1.5
+    assert draft_quality.chain_block_efficiency([0.5, 0.25], 3) == 1 + 0.5 + 0.125 + 0.125 * 0.25
     cost = draft_quality.relative_cost(draft, target, token_counts=(1, 4), past_len=8)
     assert set(cost) == {"1", "4"} and all(c["ratio"] > 0 for c in cost.values())
+
+
+def test_a_feature_draft_equal_to_its_target_is_accepted_at_every_depth(tmp_path):
+    from draft_fixtures import prompts, tiny_tokenizer
+
+    target, draft = exact_feature_pair(vocab_size=VOCAB_SIZE)
+    samples = draft_quality.heldout_continuations(target, tiny_tokenizer(), prompts(4), tmp_path, 4, 8, 0, greedy=True)
+    stats = draft_quality.acceptance(draft, target, samples)
+    assert len(stats["alpha_by_depth"]) == draft_quality.FEATURE_DEPTHS
+    assert stats["alpha_by_depth"] == pytest.approx([1.0] * draft_quality.FEATURE_DEPTHS, abs=1e-4)
+    assert stats["top1_agreement_by_depth"] == [1.0] * draft_quality.FEATURE_DEPTHS
+    cost = draft_quality.relative_cost(draft, target, token_counts=(1,), past_len=8)
+    json.dumps(cost)

@@ -1,6 +1,8 @@
 """End to end: sampled output of every speculative method follows the target's exact distribution, on every backend.
 
 A tiny Llama (vocab 12) makes the joint distribution of the first 3 generated tokens enumerable (12^3 sequences).
+Drafts: a standalone model close to the target, an unrelated one, and a feature-conditioned draft close to its target
+(a one-layer Llama it nearly reproduces).
 One generate() call with thousands of identical prompts draws that many independent samples; a chi-square test on
 cells with expected count >= 5 (the rest pooled) must not reject at level 1e-4 (seeds are fixed, so the test is
 deterministic). The sampler is pluggable: PyTorch through generate(), and the exported pair on ONNX Runtime through
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from feature_fixtures import exact_feature_pair
 from onnx_fixtures import export_once
 from scipy.stats import chi2
 from tiny_models import perturbed_copy, tiny_model, word_tokenizer
@@ -31,16 +34,19 @@ PROMPT = [1, 5, 7, 3]
 
 
 @pytest.fixture(scope="module")
-def models():
+def pairs():
+    """draft name -> (target, draft)."""
     target = tiny_model("llama", vocab_size=VOCAB, seed=0, scale=0.6)  # peaky distributions
     target.generation_config.eos_token_id = None  # every row generates exactly 3 tokens
-    drafts = {
+    feature_target, exact_draft = exact_feature_pair(VOCAB)
+    return {
         # close to the target: long accepted paths (block efficiency ~2 at depth 3) and still many rejections
-        "near": perturbed_copy(target, noise=0.1),
+        "near": (target, perturbed_copy(target, noise=0.1)),
         # unrelated: mostly rejections, and under top-k, q = 0 where p > 0 and the other way round
-        "far": tiny_model("llama", vocab_size=VOCAB, seed=1, scale=0.6),
+        "far": (target, tiny_model("llama", vocab_size=VOCAB, seed=1, scale=0.6)),
+        # a feature draft that nearly reproduces its one-layer target: long paths, some rejections
+        "feature": (feature_target, perturbed_copy(exact_draft, noise=0.15)),
     }
-    return target, drafts
 
 
 def exact_joint(target, temperature: float, top_k: int | None) -> torch.Tensor:
@@ -63,14 +69,15 @@ def exact_joint(target, temperature: float, top_k: int | None) -> torch.Tensor:
     return first[:, None, None] * second[:, :, None] * third
 
 
-def pytorch_sampler(target, drafts):
+def pytorch_sampler(pairs):
     """sample(draft name, config, temperature, top-k) -> the generated tokens [SAMPLES, NEW_TOKENS], via generate()."""
 
     def sample(draft, config, temperature, top_k):
+        target, draft_model = pairs[draft]
         out = target.generate(
             torch.tensor(PROMPT).expand(SAMPLES, -1),
             custom_generate=speculative_generate,
-            draft_model=drafts[draft],
+            draft_model=draft_model,
             speculative_config=config,
             do_sample=True,
             temperature=temperature,
@@ -97,15 +104,14 @@ def onnxruntime_sampler(exported):
 
 
 @pytest.fixture(scope="module")
-def pytorch_sample(models):
-    return pytorch_sampler(*models)
+def pytorch_sample(pairs):
+    return pytorch_sampler(pairs)
 
 
 @pytest.fixture(scope="module")
-def onnxruntime_sample(models, tmp_path_factory):
-    target, drafts = models
+def onnxruntime_sample(pairs, tmp_path_factory):
     exported = {}
-    for name, draft in drafts.items():
+    for name, (target, draft) in pairs.items():
         def export(out, draft=draft, name=name):
             export_pair(target, draft, word_tokenizer(VOCAB), out, {"target": "target", "draft": name}, max_batch=SAMPLES)
 
@@ -144,6 +150,8 @@ SETTINGS = {
     "t1-far-draft": (1.0, None, "far"),
     "t1-near-draft": (1.0, None, "near"),
     "t0.7-top5-far-draft": (0.7, 5, "far"),
+    "t1-feature-draft": (1.0, None, "feature"),
+    "t0.7-top5-feature-draft": (0.7, 5, "feature"),
 }
 
 
@@ -154,9 +162,9 @@ CASES = [("pytorch", c) for shapes in SHAPES.values() for c in shapes] + [("onnx
 
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("backend,config", CASES)
-def test_sampling_matches_target_distribution(request, models, backend, config, setting):
-    target, _ = models
+def test_sampling_matches_target_distribution(request, pairs, backend, config, setting):
     temperature, top_k, draft = SETTINGS[setting]
+    target, _ = pairs[draft]
     exact = exact_joint(target, temperature, top_k)
     counts = sample_joint(request.getfixturevalue(f"{backend}_sample"), draft, config, temperature, top_k)
     assert counts.sum() == SAMPLES
@@ -182,10 +190,10 @@ def keep_rejected_tokens_in_q(p, q, tokens):
 
 
 @pytest.mark.parametrize("biased_rule", [accept_everything, keep_rejected_tokens_in_q])
-def test_negative_control_detects_a_biased_verifier(models, pytorch_sample, monkeypatch, biased_rule):
+def test_negative_control_detects_a_biased_verifier(pairs, pytorch_sample, monkeypatch, biased_rule):
     """The same test rejects a verifier that is off: grossly (accepting every draft token, so the output follows q)
     or subtly (treating draws without replacement as draws with replacement)."""
-    target, _ = models
+    target, _ = pairs["far"]
     monkeypatch.setitem(verification.NODE_RULES, "rrs", biased_rule)
     # the reference walks NODE_RULES (the default verifier, the batched path, is checked against it elsewhere)
     monkeypatch.setattr(generation, "default_verifier", lambda device: verification.verify_tree)

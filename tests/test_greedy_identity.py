@@ -1,14 +1,16 @@
 """Greedy speculative decoding is token-identical to plain `generate(do_sample=False)`.
 
-For every method, on Llama, Qwen2, Mistral (sliding window crossed by the output), GPT-2 and OPT, with eager and
-sdpa attention, batch 1 and batch 3 with left padding, 64 new tokens: once as is, once with an eos that lands inside
-an accepted path (row 0), and once with a max_new_tokens that cuts a step's accepted path short.
+For every method and both kinds of draft (standalone, feature-conditioned), on Llama, Qwen2, Mistral (sliding window
+crossed by the output), GPT-2 and OPT, with eager and sdpa attention, batch 1 and batch 3 with left padding, 64 new
+tokens: once as is, once with an eos that lands inside an accepted path (row 0), and once with a max_new_tokens that
+cuts a step's accepted path short.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from feature_fixtures import feature_draft_for, predictable_target
 from tiny_models import FAMILIES, left_padded_prompts, perturbed_copy, tiny_model
 
 from hf_specdec import speculative_generate
@@ -45,12 +47,18 @@ def index_inside_accepted_path(accepted_lengths: list[int], tokens: list[int]) -
     return None
 
 
-@pytest.fixture(scope="module", params=[(f, a) for f in FAMILIES for a in ("eager", "sdpa")], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=[(f, a, d) for f in FAMILIES for a in ("eager", "sdpa") for d in ("standalone", "feature")],
+                ids=lambda p: "-".join(p))
 def pair(request):
-    family, attention = request.param
-    target = tiny_model(family, vocab_size=96, attn_implementation=attention, scale=0.3)
+    family, attention, draft_kind = request.param
+    if draft_kind == "feature":
+        target = predictable_target(family, attention)
+        draft = feature_draft_for(target)
+    else:
+        target = tiny_model(family, vocab_size=96, attn_implementation=attention, scale=0.3)
+        draft = perturbed_copy(target, noise=0.05)
     target.generation_config.eos_token_id = None
-    return target, perturbed_copy(target, noise=0.05)
+    return target, draft
 
 
 @pytest.mark.parametrize("batch", [1, 3])

@@ -68,7 +68,7 @@ def _path(node: int, parents: list[int]) -> list[int]:
 
 def test_hf_assisted_generation_uses_the_draft_and_keeps_greedy_output():
     target = tiny_target()
-    draft = distill.init_draft_from_target(target, KEPT, [0], oov_rank=4).eval()
+    draft = distill.init_standalone_draft(target, KEPT, [0], oov_rank=4).eval()
     prompt = torch.randint(3, VOCAB_SIZE, (1, 5))
     plain = target.generate(prompt, do_sample=False, max_new_tokens=12, min_new_tokens=12)
     assisted = target.generate(prompt, assistant_model=draft, do_sample=False, max_new_tokens=12, min_new_tokens=12)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers import DynamicCache
 
-import contextlib
-
+from hf_specdec.backends.base import Forward
 from hf_specdec.cache_layout import sliding_window_mask
+from hf_specdec.feature_draft import reads_target_features
 from hf_specdec.rope import PlainDecodingRope
 
 # attention implementations that apply an arbitrary 4D mask (flash attention kernels only know causal + padding)
@@ -65,12 +67,26 @@ def check_runnable(model, role: str) -> None:
     check_position_encoding(model, role)
 
 
+@contextlib.contextmanager
+def lm_head_inputs_recorded(model):
+    """Inside the context, each forward of `model` appends its LM-head input (the decoder's last hidden state, for all
+    the tokens it ran, whatever `logits_to_keep` keeps for the head) to the yielded list."""
+    recorded = []
+    hook = model.get_decoder().register_forward_hook(lambda module, args, output: recorded.append(output.last_hidden_state))
+    try:
+        yield recorded
+    finally:
+        hook.remove()
+
+
 class HFBackend:
     def __init__(self, model, role: str = "target"):
         check_runnable(model, role)
         self.model = model
         self.device = model.device
         self.vocab_size = model.config.get_text_config().vocab_size
+        self.hidden_size = model.config.get_text_config().hidden_size
+        self.reads_features = reads_target_features(model)
         self.windows = sliding_windows(model.config.get_text_config())
         layer_types = getattr(model.config.get_text_config(), "layer_types", None)
         # a dict of masks only where the model mixes layer types (Mistral-style models take a single tensor)
@@ -97,12 +113,11 @@ class HFBackend:
             return {"full_attention": additive(mask), "sliding_attention": windowed}
         return windowed
 
-    def _run(self, input_ids, position_ids, attention_mask, key_positions, logits_to_keep):
-        with contextlib.nullcontext() if self.rope is None else self.rope.patched(position_ids):
-            return self._call_model(input_ids, position_ids, attention_mask, key_positions, logits_to_keep)
-
-    def _call_model(self, input_ids, position_ids, attention_mask, key_positions, logits_to_keep):
-        return self.model(
+    def _run(self, input_ids, position_ids, attention_mask, key_positions, logits_to_keep, features,
+             return_features) -> Forward:
+        if self.reads_features and features is None:
+            raise ValueError("this draft reads the target's features: pass features=")
+        inputs = dict(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=self._model_mask(attention_mask, position_ids, key_positions),
@@ -110,12 +125,25 @@ class HFBackend:
             use_cache=True,
             **({"logits_to_keep": logits_to_keep} if self.supports_logits_to_keep else {}),
         )
+        with contextlib.nullcontext() if self.rope is None else self.rope.patched(position_ids):
+            if self.reads_features:
+                out = self.model(**inputs, features=features)
+                return Forward(out.logits, out.features)
+            if not return_features:
+                return Forward(self.model(**inputs).logits, None)
+            with lm_head_inputs_recorded(self.model) as recorded:
+                logits = self.model(**inputs).logits
+            return Forward(logits, recorded[-1])
 
-    def prefill(self, input_ids, position_ids, attention_mask, key_positions) -> None:
-        self._run(input_ids, position_ids, attention_mask, key_positions, logits_to_keep=1)
+    def prefill(self, input_ids, position_ids, attention_mask, key_positions, features=None,
+                return_features=False) -> torch.Tensor | None:
+        out = self._run(input_ids, position_ids, attention_mask, key_positions, 1, features, return_features)
+        return out.features if return_features else None
 
-    def forward(self, input_ids, position_ids, attention_mask, key_positions) -> torch.Tensor:
-        return self._run(input_ids, position_ids, attention_mask, key_positions, logits_to_keep=0).logits.float()
+    def forward(self, input_ids, position_ids, attention_mask, key_positions, features=None,
+                return_features=False) -> Forward:
+        logits, hidden = self._run(input_ids, position_ids, attention_mask, key_positions, 0, features, return_features)
+        return Forward(logits.float(), hidden)
 
     def keep(self, start: int, source_slots: torch.Tensor) -> None:
         end = start + source_slots.shape[1]

@@ -1,11 +1,17 @@
-"""`hf-specdec distill`: train a reduced-vocabulary draft for a target by distillation, then measure it."""
+"""`hf-specdec distill`: train a draft (feature-conditioned or standalone) for a target, then measure it."""
 
 from __future__ import annotations
 
 import argparse
 
 DEFAULT_OUT = "runs/distill"
+DEFAULT_TEACHER_DIR = "runs/teacher"
 EMBEDDED_TARGET = "embedded"
+# per draft type: what its options default to (the shipped drafts were trained with these)
+DEFAULTS = {
+    "feature": {"layers": "1", "steps": 1200, "lr": 1e-3},
+    "standalone": {"layers": "0,1", "steps": 1200, "lr": 1e-3},
+}
 
 
 def add_parser(subparsers) -> None:
@@ -13,10 +19,12 @@ def add_parser(subparsers) -> None:
         "distill",
         help="train a draft model for a target by distillation",
         description=(
-            "Generate target continuations of ShareGPT train-split prompts (temperature 1), train a "
-            "reduced-vocabulary Llama draft to minimise KL(p_target || q_draft) on them, save it "
-            "(OUT/draft) and measure its acceptance on held-out prompts and its cost (OUT/draft/eval.json). "
-            "Every stage is resumable: teacher batches already in OUT/teacher are reused, and --resume "
+            "Teacher data: the target reads ShareGPT train-split conversations once (teacher forcing) and its "
+            "LM-head input at every position is stored (TEACHER_DIR, sharded, resumable, reused by both draft types). "
+            "Then a reduced-vocabulary draft is trained to minimise KL(p_target || q_draft) at assistant positions, "
+            "saved (OUT/draft) and measured on held-out prompts (OUT/draft/eval.json). --draft-type feature: an "
+            "EAGLE-style draft that reads the target's hidden state (the default draft of load_default_pair); "
+            "standalone: an ordinary causal LM (for HF assisted generation and any speculative loop). --resume "
             "continues from OUT/checkpoint.pt."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -26,22 +34,24 @@ def add_parser(subparsers) -> None:
         default=EMBEDDED_TARGET,
         help=f"HF model dir or id of a Llama-architecture target; {EMBEDDED_TARGET!r}: SmolLM2-135M-Instruct",
     )
+    parser.add_argument("--draft-type", choices=("feature", "standalone"), default="feature")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--evaluate", metavar="DRAFT_DIR", help="only measure an existing draft against the target")
     data = parser.add_argument_group("teacher data")
-    data.add_argument("--prompts", type=int, default=1536, help="train-split prompts to continue")
-    data.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts are skipped")
-    data.add_argument("--max-new-tokens", type=int, default=128, help="continuation length (train and held-out)")
-    data.add_argument("--generate-batch-size", type=int, default=32, help="prompts per target generate call")
+    data.add_argument("--teacher-dir", default=DEFAULT_TEACHER_DIR, help="where the teacher data is (or is built)")
+    data.add_argument("--positions", type=int, default=2_000_000, help="teacher positions (tokens) to store")
+    data.add_argument("--max-tokens", type=int, default=1024, help="conversations are cut at this many tokens")
     draft = parser.add_argument_group("draft")
     draft.add_argument("--vocab-size", type=int, default=8192, help="tokens the draft can propose")
-    draft.add_argument("--layers", default="0,1", help="target layers copied into the draft, in order")
+    draft.add_argument("--layers", help="standalone: target layers copied into the draft, in order (default 0,1); "
+                       "feature: number of decoder layers (default 1)")
     draft.add_argument("--oov-rank", type=int, default=32, help="embedding rank of input tokens outside the vocabulary")
     train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, default=1000, help="optimizer steps")
-    train.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    train.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (cosine decay to a tenth)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default 1200)")
+    train.add_argument("--batch-tokens", type=int, default=8192, help="padded positions per step")
+    train.add_argument("--lr", type=float, help="peak learning rate, cosine decay to a tenth (default 1e-3)")
     train.add_argument("--warmup-steps", type=int, default=30, help="linear learning-rate warm-up")
+    train.add_argument("--unroll", type=int, default=3, help="feature: unrolled draft steps (tree depths) trained")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     train.add_argument(
@@ -49,6 +59,7 @@ def add_parser(subparsers) -> None:
     )
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts")
+    evaluation.add_argument("--max-new-tokens", type=int, default=128, help="held-out continuation length")
     parser.add_argument("--seed", type=int, default=0, help="seeds sampling and data order")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
@@ -61,6 +72,7 @@ def run(args) -> int:
 
     from hf_specdec import distill
     from hf_specdec.draft_quality import evaluate_draft
+    from hf_specdec.teacher import build_teacher_data
 
     torch.set_num_threads(args.threads)
     target, tokenizer = _load_target(args.target)
@@ -68,33 +80,41 @@ def run(args) -> int:
     if args.evaluate:
         from transformers import AutoModelForCausalLM
 
+        import hf_specdec.models  # noqa: F401  (registers the draft model types)
+
         draft = AutoModelForCausalLM.from_pretrained(args.evaluate, dtype=torch.float32).eval()
         report = evaluate_draft(target, draft, tokenizer, out / "heldout", args.eval_prompts, args.max_new_tokens, args.seed)
         print(json.dumps(report, indent=2))
         return 0
 
+    defaults = DEFAULTS[args.draft_type]
+    layers = args.layers or defaults["layers"]
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not args.resume:
         raise SystemExit(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
-    prompts = _train_prompts(args, tokenizer)
-    samples = distill.generate_teacher_data(
-        target, tokenizer, prompts, out / "teacher", args.generate_batch_size, args.max_new_tokens, args.seed
-    )
+    data = build_teacher_data(target, tokenizer, Path(args.teacher_dir), args.positions, args.max_tokens)
     if args.resume and checkpoint.exists():
         draft = distill.draft_from_checkpoint(checkpoint)
     else:
-        draft = _initial_draft(args, target, tokenizer, samples)
+        kept = distill.choose_kept_tokens(data, target.get_output_embeddings(), args.vocab_size,
+                                          always_keep=tokenizer.all_special_ids)
+        if args.draft_type == "feature":
+            draft = distill.init_feature_draft(target, kept, int(layers), args.oov_rank, seed=args.seed)
+        else:
+            draft = distill.init_standalone_draft(target, kept, [int(layer) for layer in layers.split(",")], args.oov_rank)
     teacher_head = distill.head_rows(target.get_output_embeddings(), draft.config.kept_token_ids)
     options = distill.TrainingOptions(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
+        steps=args.steps or defaults["steps"],
+        batch_tokens=args.batch_tokens,
+        lr=args.lr or defaults["lr"],
         warmup_steps=args.warmup_steps,
         checkpoint_every=args.checkpoint_every,
         seed=args.seed,
         bf16_autocast=not args.fp32,
+        feature=distill.FeatureLossOptions(unroll=args.unroll),
     )
-    distill.train_draft(draft, teacher_head, samples, options, checkpoint, args.resume, tokenizer.pad_token_id)
+    out.mkdir(parents=True, exist_ok=True)
+    distill.train_draft(draft, teacher_head, data, options, checkpoint, args.resume, tokenizer.pad_token_id)
     distill.save_draft(draft, out / "draft")
     report = evaluate_draft(target, draft, tokenizer, out / "heldout", args.eval_prompts, args.max_new_tokens, args.seed)
     (out / "draft" / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -110,19 +130,3 @@ def _load_target(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
-
-
-def _train_prompts(args, tokenizer):
-    from hf_specdec.data import train_prompts
-
-    return train_prompts(args.prompts, tokenizer, args.max_prompt_tokens)
-
-
-def _initial_draft(args, target, tokenizer, samples):
-    from hf_specdec import distill
-
-    kept = distill.choose_kept_tokens(
-        samples, target.get_output_embeddings(), args.vocab_size, always_keep=tokenizer.all_special_ids
-    )
-    layers = [int(layer) for layer in args.layers.split(",")]
-    return distill.init_draft_from_target(target, kept, layers, args.oov_rank)

@@ -131,6 +131,7 @@ def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int 
     from transformers import DynamicCache
 
     from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_pays
+    from hf_specdec.feature_draft import timing_inputs
     from hf_specdec.rope import state_preserved
 
     config, device, dtype = model.config, model.device, model.dtype
@@ -154,7 +155,7 @@ def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int 
             _synchronize(device)
             start = time.perf_counter()
             model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
-                  use_cache=True)
+                  use_cache=True, **timing_inputs(model, input_ids))
             _synchronize(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:])

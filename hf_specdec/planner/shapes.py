@@ -13,6 +13,9 @@ from pathlib import Path
 LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "granite", "olmo", "olmo2", "phi3")
 # hf_specdec's distilled drafts (`hf_specdec.draft_model`): a Llama whose LM head scores only `kept_token_ids`
 REDUCED_VOCAB_LLAMA = "hf_specdec_reduced_vocab_llama"
+# its feature-conditioned drafts (`hf_specdec.feature_draft`): the same head, plus a 2H -> H fusion before the layers
+FEATURE_DRAFT = "hf_specdec_feature_draft"
+REDUCED_VOCAB = (REDUCED_VOCAB_LLAMA, FEATURE_DRAFT)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,7 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
     fields = {**fields, **fields.get("text_config", {})}  # multimodal wrappers keep the decoder under text_config
     model_type = fields.get("model_type", "?")
     name = name or fields.get("_name_or_path") or model_type
-    if model_type not in (*LLAMA_FAMILY, REDUCED_VOCAB_LLAMA):
+    if model_type not in (*LLAMA_FAMILY, *REDUCED_VOCAB):
         raise ValueError(
             f"cannot model {name!r} (model_type {model_type!r}): the planner models Llama-family decoders "
             f"({', '.join(LLAMA_FAMILY)}); pass a preset ({', '.join(PRESETS)}) or the config.json of such a model"
@@ -78,7 +81,7 @@ def shape_from_config(config, name: str | None = None) -> ModelShape:
         num_kv_heads=fields.get("num_key_value_heads") or num_heads,
         head_dim=fields.get("head_dim") or fields["hidden_size"] // num_heads,
         intermediate_size=fields["intermediate_size"],
-        vocab_size=len(fields["kept_token_ids"]) if model_type == REDUCED_VOCAB_LLAMA else fields["vocab_size"],
+        vocab_size=len(fields["kept_token_ids"]) if model_type in REDUCED_VOCAB else fields["vocab_size"],
         tie_word_embeddings=bool(fields.get("tie_word_embeddings", False)),
     )
 
