@@ -6,6 +6,8 @@
              past_key_<i>, past_value_<i> [batch, kv_heads, past, head_dim] for every layer i
     outputs  logits [batch, kept, vocab] float32,
              new_key_<i>, new_value_<i> [batch, kv_heads, new, head_dim]: the K/V of the new tokens only
+    feature pairs (`hf_specdec.export.onnx_export`): the target also returns hidden_states [batch, new, hidden] (its
+             LM-head input); the feature draft also takes features [batch, new, hidden] and returns hidden_states
 
 The past K/V are read in place and never concatenated with the new ones: attention is computed as
 softmax([q.K_past, q.K_new]) . [V_past; V_new] with the two halves multiplied separately, and query heads are grouped

@@ -17,6 +17,13 @@ Attention masks: a graph takes one bool mask input per attention layer type its 
 is the window the runtime restricts that mask to). Entries of full-attention models have no `sliding_window` key, so
 their manifests read as before with older and newer hf-specdec alike; an older hf-specdec refuses a sliding-window
 export (an unknown field) rather than running it with the wrong mask.
+
+Features (a feature-conditioned draft, `hf_specdec.feature_draft`): the target graph of such a pair has one more
+output, `hidden_states` [batch, new, hidden] (its LM-head input for every new token), and the draft graph one more
+input, `features` [batch, new, hidden] (the target's feature before each token), and the `hidden_states` output (its
+prediction of the target's feature at each token). Their entries record `hidden_size`; entries of graphs without
+feature I/O have no `hidden_size` key, so standalone exports read and write as before, and an older hf-specdec refuses
+a feature export (an unknown field) rather than failing on an input it cannot feed.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_SPECULATIVE_CONFIG = "rsd-s:w=3,d=4"
 # attention layer type -> the graph input holding its bool mask [batch, new, past_plus_new]
 MASK_INPUTS = {"full_attention": "attention_mask", "sliding_attention": "sliding_attention_mask"}
+FEATURES_INPUT = "features"  # a feature draft's input: the target's feature before each new token
+HIDDEN_STATES_OUTPUT = "hidden_states"  # the LM-head input of every new token (a feature draft's: its prediction)
+# the optional keys of an entry, absent from manifest.json where they are None (what earlier versions wrote)
+OPTIONAL_ENTRY_KEYS = ("sliding_window", "hidden_size")
 
 
 class ManifestError(ValueError):
@@ -68,6 +79,7 @@ class ModelEntry:
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
     sliding_window: int | None = None  # window of the sliding-window layers (input `sliding_attention_mask`)
+    hidden_size: int | None = None  # width of the feature I/O (`features`, `hidden_states`); None: the graph has none
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelEntry":
@@ -78,6 +90,29 @@ class ModelEntry:
         """Mask input name -> its window (None: full attention), for the mask inputs this graph has."""
         windows = {"attention_mask": None, "sliding_attention_mask": self.sliding_window}
         return {spec.name: windows[spec.name] for spec in self.inputs if spec.name in windows}
+
+    @property
+    def reads_features(self) -> bool:
+        """The graph takes `features` (a feature-conditioned draft)."""
+        return any(spec.name == FEATURES_INPUT for spec in self.inputs)
+
+    @property
+    def emits_features(self) -> bool:
+        """The graph returns `hidden_states` (a target exported for a feature draft, or a feature draft)."""
+        return any(spec.name == HIDDEN_STATES_OUTPUT for spec in self.outputs)
+
+    def check_features(self, role: str, model_dir: Path) -> None:
+        """Feature I/O and `hidden_size` come together, the I/O [batch, new, hidden_size] in the model's dtype."""
+        specs = [s for s in (*self.inputs, *self.outputs) if s.name in (FEATURES_INPUT, HIDDEN_STATES_OUTPUT)]
+        expected = ["batch", "new", self.hidden_size]
+        if bool(specs) != (self.hidden_size is not None) or any(
+                s.shape != expected or s.dtype != self.dtype for s in specs):
+            found = ", ".join(f"{s.name} {s.dtype}{s.shape}" for s in specs) or "none"
+            raise ManifestError(
+                f"the {role} in {model_dir / MANIFEST_FILE} has feature inputs/outputs {found} and hidden_size "
+                f"{self.hidden_size}: feature I/O must be {self.dtype}[batch, new, hidden_size], with its hidden_size "
+                f"recorded; {reexport_hint(model_dir)}"
+            )
 
     def check_masks(self, role: str, model_dir: Path) -> None:
         names = [spec.name for spec in self.inputs]
@@ -111,8 +146,9 @@ class Manifest:
     def save(self, model_dir: Path) -> None:
         data = asdict(self)
         for role in ROLES:
-            if data[role]["sliding_window"] is None:
-                del data[role]["sliding_window"]  # full attention: the manifest of earlier versions, unchanged
+            for key in OPTIONAL_ENTRY_KEYS:
+                if data[role][key] is None:
+                    del data[role][key]  # full attention, no features: the manifest of earlier versions, unchanged
         (Path(model_dir) / MANIFEST_FILE).write_text(json.dumps(data, indent=2) + "\n")
 
     @classmethod
@@ -149,8 +185,18 @@ class Manifest:
             )
         for role in ROLES:
             self.entry(role).check_masks(role, model_dir)
+            self.entry(role).check_features(role, model_dir)
             if not (model_dir / self.entry(role).file).is_file():
                 raise ManifestError(f"{model_dir / self.entry(role).file} ({role}) is missing; {reexport_hint(model_dir)}")
+        if self.draft.reads_features and (not self.target.emits_features or self.target.hidden_size != self.draft.hidden_size):
+            # the loop feeds the draft the target's `hidden_states`: without them it could not run the draft at all
+            returns = (f"returns features of size {self.target.hidden_size}" if self.target.emits_features
+                       else "has no hidden_states output")
+            raise ManifestError(
+                f"the draft in {model_dir / MANIFEST_FILE} reads the target's features (hidden size "
+                f"{self.draft.hidden_size}), but the target graph {returns}: the two graphs come from different "
+                f"exports; {reexport_hint(model_dir)}"
+            )
         if not (model_dir / GENERATION_CONFIG_FILE).is_file():
             raise ManifestError(f"{model_dir / GENERATION_CONFIG_FILE} is missing; {reexport_hint(model_dir)}")
         for name, digest in self.tokenizer_files.items():

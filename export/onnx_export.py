@@ -24,6 +24,13 @@ exactly, and then runs the model once through the export's attention against its
 (`check_split_kv_matches`): a family this module does not know that does something the graph does not (attention
 sinks, a custom score transform, a layer outside the attention interface) is refused instead of exported with other
 outputs.
+
+Feature-conditioned drafts (`hf_specdec.feature_draft`): in a pair whose draft reads the target's features, the
+target graph also returns `hidden_states` [batch, new, hidden], its LM-head input for every new token (the decoder's
+last hidden state, recorded by a hook on `model.get_decoder()` as the PyTorch backend records it, whatever
+`logits_index` keeps for the head), and the draft graph takes `features` [batch, new, hidden] (the target's feature
+before each token) and returns its own `hidden_states` (its prediction of the target's feature at each token). A pair
+with a standalone draft exports exactly the graphs and manifest it exported before.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import torch
 from transformers import AttentionInterface
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-from hf_specdec.backends.hf import sliding_windows, uses_alibi
+from hf_specdec.backends.hf import lm_head_inputs_recorded, sliding_windows, uses_alibi
 from hf_specdec.cache_layout import sliding_window_mask
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.export.graph import SplitKV, io_names, split_kv_attention
@@ -46,6 +53,8 @@ from hf_specdec.export.manifest import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SPECULATIVE_CONFIG,
+    FEATURES_INPUT,
+    HIDDEN_STATES_OUTPUT,
     MASK_INPUTS,
     Manifest,
     ModelEntry,
@@ -53,11 +62,17 @@ from hf_specdec.export.manifest import (
     sha256,
 )
 from hf_specdec.export.parity import max_logit_error
+from hf_specdec.feature_draft import check_feature_draft, reads_target_features
 from hf_specdec.rope import PlainDecodingRope
 
 OPSET = 18
 # sizes of the sample inputs traced: distinct and >= 2, so that no axis is specialised to a constant
 SAMPLE_DIMS = {"batch": 2, "new": 3, "past": 5, "kept": 2}
+
+
+def hidden_size(model) -> int:
+    """Width of the model's features (its LM-head input; for a feature draft, also of the features it reads)."""
+    return model.config.get_text_config().hidden_size
 
 
 def model_shape(model) -> dict[str, int]:
@@ -227,11 +242,15 @@ def check_split_kv_matches(model, role: str) -> None:
                   for t in layer_types)
     empty = torch.zeros(1, shape["kv_heads"], 0, shape["head_dim"], dtype=model.dtype, device=model.device)
     past = [(empty, empty) for _ in range(shape["num_layers"])]
+    # a feature draft reads features with every token: random ones, so that the fusion of both inputs is probed too
+    features = {}
+    if reads_target_features(model):
+        features["features"] = torch.randn(1, PROBE_LENGTH, hidden_size(model), generator=generator).to(model.device, model.dtype)
     with torch.no_grad():
-        reference = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits.float()
+        reference = model(input_ids=input_ids, position_ids=positions, use_cache=False, **features).logits.float()
         try:
             with export_implementations(model):
-                logits = MaskedSplitKVDecoder(model, layer_types)(input_ids, positions, masks, positions[0], past)[0]
+                logits = MaskedSplitKVDecoder(model, layer_types)(input_ids, positions, masks, positions[0], past, **features)[0]
         except KeyError:
             raise refuse(
                 role, model,
@@ -254,15 +273,20 @@ def check_split_kv_matches(model, role: str) -> None:
 class MaskedSplitKVDecoder(torch.nn.Module):
     """`hf_specdec.export.graph.SplitKVDecoder` with one bool mask per attention layer type (`layer_types`, the masks'
     order in `masks`): a single tensor to the model when there is one, {layer type: mask} when layer types are mixed
-    (as `HFBackend` passes them). With ("full_attention",) it traces the same graph as `SplitKVDecoder`."""
+    (as `HFBackend` passes them). With ("full_attention",) it traces the same graph as `SplitKVDecoder`.
 
-    def __init__(self, model, layer_types: tuple[str, ...]):
+    Features: a feature draft takes `features` [B, T, H] and returns its predicted features after the K/V; any other
+    model returns its LM-head input for all T tokens there when `emits_features` (the target of a feature draft)."""
+
+    def __init__(self, model, layer_types: tuple[str, ...], emits_features: bool = False):
         super().__init__()
         self.model = model
         self.layer_types = layer_types
         self.logits_to_keep = model._supports_logits_to_keep()
+        self.reads_features = reads_target_features(model)
+        self.emits_features = emits_features or self.reads_features
 
-    def forward(self, input_ids, position_ids, masks, logits_index, past):
+    def forward(self, input_ids, position_ids, masks, logits_index, past, features=None):
         dtype = self.model.dtype
         # eager-style attention adds the mask to the scores: 0 where attended, the dtype's minimum elsewhere
         additive = [
@@ -271,35 +295,43 @@ class MaskedSplitKVDecoder(torch.nn.Module):
         attention_mask = additive[0] if len(additive) == 1 else dict(zip(self.layer_types, additive))
         split_kv = SplitKV(past)
         _ACTIVE_SPLIT_KV.append(split_kv)
+        # the target of a feature draft: its decoder's last hidden state, as `HFBackend` records it
+        records = self.emits_features and not self.reads_features
         try:
-            out = self.model(
-                input_ids=input_ids,
-                position_ids=position_ids,
-                attention_mask=attention_mask,
-                use_cache=False,
-                split_kv=split_kv,
-                **({"logits_to_keep": logits_index} if self.logits_to_keep else {}),
-            )
+            with lm_head_inputs_recorded(self.model) if records else contextlib.nullcontext() as recorded:
+                out = self.model(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    attention_mask=attention_mask,
+                    use_cache=False,
+                    split_kv=split_kv,
+                    **({"features": features} if self.reads_features else {}),
+                    **({"logits_to_keep": logits_index} if self.logits_to_keep else {}),
+                )
         finally:
             _ACTIVE_SPLIT_KV.pop()
         logits = out.logits if self.logits_to_keep else out.logits[:, logits_index]
-        return (logits.float(), *split_kv.flat_new())
+        if not self.emits_features:
+            return (logits.float(), *split_kv.flat_new())
+        return (logits.float(), *split_kv.flat_new(), out.features if self.reads_features else recorded[-1])
 
 
 def sample_inputs(model, masks: int = 1) -> tuple:
     shape = model_shape(model)
     batch, new, past, kept = (SAMPLE_DIMS[k] for k in ("batch", "new", "past", "kept"))
     kv_shape = (batch, shape["kv_heads"], past, shape["head_dim"])
+    features = (torch.zeros(batch, new, hidden_size(model), dtype=model.dtype),) if reads_target_features(model) else ()
     return (
         torch.randint(0, shape["vocab_size"], (batch, new)),
         torch.arange(past, past + new).expand(batch, new).contiguous(),
         tuple(torch.ones(batch, new, past + new, dtype=torch.bool) for _ in range(masks)),
         torch.arange(new - kept, new),
         [(torch.zeros(kv_shape, dtype=model.dtype), torch.zeros(kv_shape, dtype=model.dtype)) for _ in range(shape["num_layers"])],
+        *features,
     )
 
 
-def dynamic_shapes(num_layers: int, masks: int = 1) -> dict:
+def dynamic_shapes(num_layers: int, masks: int = 1, reads_features: bool = False) -> dict:
     kv = {0: "batch", 2: "past"}
     return {
         "input_ids": {0: "batch", 1: "new"},
@@ -307,6 +339,7 @@ def dynamic_shapes(num_layers: int, masks: int = 1) -> dict:
         "masks": tuple({0: "batch", 1: "new", 2: "past_plus_new"} for _ in range(masks)),
         "logits_index": {0: "kept"},
         "past": [(kv, kv) for _ in range(num_layers)],
+        **({"features": {0: "batch", 1: "new"}} if reads_features else {}),
     }
 
 
@@ -320,22 +353,26 @@ def tensor_specs(values) -> list[TensorSpec]:
     return specs
 
 
-def export_model(model, path: Path, role: str, source: str, checked: bool = False) -> ModelEntry:
+def export_model(model, path: Path, role: str, source: str, checked: bool = False,
+                 emits_features: bool = False) -> ModelEntry:
     """Export one causal LM to `path` (+ `path`.data); return its manifest entry. `checked`: `check_exportable` has
-    passed already."""
+    passed already. `emits_features`: the graph also returns `hidden_states`, the LM-head input of every new token
+    (for the target of a feature draft; a feature draft always reads `features` and returns `hidden_states`)."""
     if not checked:
         check_exportable(model, role)
     shape = model_shape(model)
     config = model.config.get_text_config()
     layer_types = mask_layer_types(config)
-    input_names, output_names = export_io_names(shape["num_layers"], layer_types)
+    reads_features = reads_target_features(model)
+    emits_features = emits_features or reads_features
+    input_names, output_names = export_io_names(shape["num_layers"], layer_types, reads_features, emits_features)
     with export_implementations(model), torch.no_grad(), warnings.catch_warnings():
         # the exporter warns that names given to axes it proves equal are merged, which is what is meant here
         warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape constraints")
         program = torch.onnx.export(
-            MaskedSplitKVDecoder(model, layer_types).eval(),
+            MaskedSplitKVDecoder(model, layer_types, emits_features).eval(),
             sample_inputs(model, len(layer_types)),
-            dynamic_shapes=dynamic_shapes(shape["num_layers"], len(layer_types)),
+            dynamic_shapes=dynamic_shapes(shape["num_layers"], len(layer_types), reads_features),
             input_names=input_names,
             output_names=output_names,
             opset_version=OPSET,
@@ -354,15 +391,19 @@ def export_model(model, path: Path, role: str, source: str, checked: bool = Fals
         inputs=tensor_specs(graph.input),
         outputs=tensor_specs(graph.output),
         sliding_window=sliding_windows(config).get("sliding_attention"),
+        hidden_size=hidden_size(model) if emits_features else None,
         **shape,
     )
 
 
-def export_io_names(num_layers: int, layer_types: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """`graph.io_names` with `attention_mask` replaced by the mask input of every layer type in `layer_types`."""
+def export_io_names(num_layers: int, layer_types: tuple[str, ...], reads_features: bool = False,
+                    emits_features: bool = False) -> tuple[list[str], list[str]]:
+    """`graph.io_names` with `attention_mask` replaced by the mask input of every layer type in `layer_types`, and the
+    feature I/O last where the graph has it (`features` after the past K/V, `hidden_states` after the new K/V)."""
     inputs, outputs = io_names(num_layers)
     at = inputs.index("attention_mask")
-    return inputs[:at] + [MASK_INPUTS[t] for t in layer_types] + inputs[at + 1:], outputs
+    inputs = inputs[:at] + [MASK_INPUTS[t] for t in layer_types] + inputs[at + 1:]
+    return inputs + [FEATURES_INPUT] * reads_features, outputs + [HIDDEN_STATES_OUTPUT] * emits_features
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
@@ -399,11 +440,21 @@ def export_pair(
             f"--max-new-tokens {max_new_tokens}: raise --max-new-tokens or choose a smaller tree"
         )
     max_past = max_past or target.config.get_text_config().max_position_embeddings
+    if reads_target_features(target):
+        raise ValueError(
+            f"the target ({type(target).__name__}) is a feature-conditioned draft: it needs another model's features "
+            "at every forward; export it as the draft of the target it was trained for (--target TARGET --draft DRAFT)"
+        )
+    feature_pair = reads_target_features(draft)
+    if feature_pair:
+        check_feature_draft(draft, target)
     models = {"target": target, "draft": draft}
     for role, model in models.items():
         check_exportable(model, role)  # both, before anything is traced or written
     out_dir.mkdir(parents=True, exist_ok=True)
-    entries = {role: export_model(model, out_dir / f"{role}.onnx", role, sources[role], checked=True)
+    # a feature draft reads the target's features: the target graph returns them (`hidden_states`)
+    entries = {role: export_model(model, out_dir / f"{role}.onnx", role, sources[role], checked=True,
+                                  emits_features=feature_pair and role == "target")
                for role, model in models.items()}
     saved = [Path(p) for p in tokenizer.save_pretrained(str(out_dir))]
     target.generation_config.save_pretrained(str(out_dir))

@@ -13,6 +13,13 @@ Masks: the graph takes one bool mask per attention layer type (`ModelEntry.mask_
 for full-attention layers (`attention_mask`), and for sliding-window layers (`sliding_attention_mask`) that mask
 restricted to keys less than the window behind each query, by the position ids the loop passes for every slot
 (`key_positions`), with the PyTorch backend's `sliding_window_mask`.
+
+Features (feature-conditioned drafts): a graph with a `hidden_states` output (the target of a feature pair, and the
+feature draft) has it bound to a [batch, new, hidden] tensor at every run, which `forward` returns (and `prefill`, when
+asked: one per prefill chunk, concatenated); a graph with a `features` input (the feature draft) has the loop's
+features bound to it, in the graph's dtype. A graph exported without them (a standalone pair) refuses to be asked
+for them with the re-export hint: the loop only asks when the draft reads features, and such a draft comes with a
+target that returns them.
 """
 
 from __future__ import annotations
@@ -28,7 +35,14 @@ import torch
 
 from hf_specdec.backends.base import Forward
 from hf_specdec.cache_layout import sliding_window_mask
-from hf_specdec.export.manifest import GENERATION_CONFIG_FILE, Manifest, ManifestError, reexport_hint
+from hf_specdec.export.manifest import (
+    FEATURES_INPUT,
+    GENERATION_CONFIG_FILE,
+    HIDDEN_STATES_OUTPUT,
+    Manifest,
+    ManifestError,
+    reexport_hint,
+)
 from hf_specdec.verification import verify_tree
 
 ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
@@ -48,7 +62,9 @@ class OrtBackend:
         self.max_dims = manifest.max_dims
         self.device = torch.device(device)
         self.vocab_size = self.entry.vocab_size
-        self.reads_features = False
+        self.hidden_size = self.entry.hidden_size  # None for a graph without feature I/O
+        self.reads_features = self.entry.reads_features  # a feature draft: every run takes `features`
+        self.emits_features = self.entry.emits_features  # every run returns `hidden_states`
         self.dtype = getattr(torch, self.entry.dtype)
         self.mask_windows = self.entry.mask_windows()  # mask input name -> window (None: full attention)
         self._check_known_inputs()
@@ -79,7 +95,7 @@ class OrtBackend:
 
     def _check_known_inputs(self) -> None:
         e = self.entry
-        known = {"input_ids", "position_ids", "logits_index", *self.mask_windows,
+        known = {"input_ids", "position_ids", "logits_index", FEATURES_INPUT, *self.mask_windows,
                  *(f"past_{kind}_{layer}" for layer in range(e.num_layers) for kind in ("key", "value"))}
         unknown = [spec.name for spec in e.inputs if spec.name not in known]
         if unknown:
@@ -107,29 +123,42 @@ class OrtBackend:
         self.length = 0
 
     def prefill(self, input_ids, position_ids, attention_mask, key_positions, features=None,
-                return_features=False) -> None:
-        self._check_no_features(features, return_features)
+                return_features=False) -> torch.Tensor | None:
+        self._check_features(features, return_features)
         # in chunks of at most the exported tokens per forward; only K/V are needed, so one logit row per chunk
         chunk = self.max_dims["new"]
+        hidden = []
         for start in range(0, input_ids.shape[1], chunk):
             end = min(start + chunk, input_ids.shape[1])
             last = torch.tensor([end - start - 1], device=self.device)
             visible = self.length + end - start
-            self._run(input_ids[:, start:end], position_ids[:, start:end], attention_mask[:, start:end, :visible],
-                      key_positions[:, :visible], last)
+            _, chunk_hidden = self._run(
+                input_ids[:, start:end], position_ids[:, start:end], attention_mask[:, start:end, :visible],
+                key_positions[:, :visible], last, None if features is None else features[:, start:end])
+            hidden.append(chunk_hidden)
+        if not return_features:
+            return None
+        return hidden[0] if len(hidden) == 1 else torch.cat(hidden, 1)
 
     def forward(self, input_ids, position_ids, attention_mask, key_positions, features=None,
                 return_features=False) -> Forward:
-        self._check_no_features(features, return_features)
+        self._check_features(features, return_features)
         new = input_ids.shape[1]
         self._check_limit("new", new, f"this step scores {new} tokens (a draft tree and its root)")
-        return Forward(self._run(input_ids, position_ids, attention_mask, key_positions,
-                                 torch.arange(new, device=self.device)), None)
+        logits, hidden = self._run(input_ids, position_ids, attention_mask, key_positions,
+                                   torch.arange(new, device=self.device), features)
+        return Forward(logits, hidden if return_features or self.reads_features else None)
 
-    def _check_no_features(self, features, return_features) -> None:
-        if features is not None or return_features:
-            raise ManifestError(f"the {self.role} graph in {self.model_dir} has no feature inputs or outputs (it was "
-                                f"not exported for a feature draft); {reexport_hint(self.model_dir)}")
+    def _check_features(self, features, return_features) -> None:
+        """What the loop asks of features must be what the graph was exported with."""
+        if self.reads_features and features is None:
+            raise ValueError(f"the {self.role} graph in {self.model_dir} is a feature draft: pass features= (the "
+                             "target's feature before each token) with every prefill and forward")
+        if (features is not None and not self.reads_features) or (return_features and not self.emits_features):
+            what = ("takes no features input" if features is not None and not self.reads_features
+                    else "has no hidden_states output")
+            raise ManifestError(f"the {self.role} graph in {self.model_dir} {what} (it was not exported for a feature "
+                                f"draft): export the pair with its feature draft; {reexport_hint(self.model_dir)}")
 
     def keep(self, start: int, source_slots: torch.Tensor) -> None:
         cache = self.cache
@@ -176,7 +205,10 @@ class OrtBackend:
         graph_mask[:, :, capacity:] = mask[:, :, past:]
         return graph_mask
 
-    def _run(self, input_ids, position_ids, attention_mask, key_positions, logits_index) -> torch.Tensor:
+    def _run(self, input_ids, position_ids, attention_mask, key_positions, logits_index,
+             features=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One run of the graph over `new` tokens: (float32 logits [B, kept, V], hidden states [B, new, H] or None
+        for a graph without them); the new K/V go into the cache."""
         batch, new = input_ids.shape
         past = self.length
         if attention_mask.shape[-1] != past + new:
@@ -201,10 +233,18 @@ class OrtBackend:
             for kind, index in (("key", 0), ("value", 1)):
                 inputs[f"past_{kind}_{layer}"] = self.cache[layer, index]
                 outputs[f"new_{kind}_{layer}"] = new_kv[layer, index]
+        if self.reads_features:
+            # in the graph's dtype (the loop's zero features of a one-token prompt are float32): a no-op when it is
+            inputs[FEATURES_INPUT] = features.to(self.device, self.dtype).contiguous()
+        hidden = None
+        if self.emits_features:
+            # bound at every run (a TensorRT engine needs an address for every output), returned where asked for
+            hidden = torch.empty(batch, new, e.hidden_size, dtype=self.dtype, device=self.device)
+            outputs[HIDDEN_STATES_OUTPUT] = hidden
         self._execute(inputs, outputs)
         self.cache[:, :, :, :, past : past + new] = new_kv
         self.length = past + new
-        return logits
+        return logits, hidden
 
     def _execute(self, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         """Run the graph on contiguous tensors, writing the outputs in place."""

@@ -1,5 +1,6 @@
 """Logits parity between two backends of the same model, on the inputs the speculative loop gives them: a prefilled
-prompt (left padding allowed) and one draft tree scored on top of it with a tree mask and explicit positions."""
+prompt (left padding allowed) and one draft tree scored on top of it with a tree mask and explicit positions. A feature
+draft reads the same random features (one per prompt token and tree node) on both backends."""
 
 from __future__ import annotations
 
@@ -24,21 +25,33 @@ def random_tree(root_tokens: torch.Tensor, branching: tuple[int, ...], vocab_siz
     return tree
 
 
+def random_features(backend: ModelBackend, prompt: torch.Tensor, tree: DraftTree) -> torch.Tensor | None:
+    """Features for a feature draft's `tree_logits` ([B, P - 1 + N, H], seeded), None for any other model."""
+    if not getattr(backend, "reads_features", False):
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(len(prompt), prompt.shape[1] - 1 + tree.size, backend.hidden_size, generator=generator)
+
+
 @torch.no_grad()
-def tree_logits(backend: ModelBackend, prompt: torch.Tensor, prompt_mask: torch.Tensor, tree: DraftTree) -> torch.Tensor:
-    """Prefill all but the last prompt token, then score the tree (its root is the last token): logits [B, N, V]."""
+def tree_logits(backend: ModelBackend, prompt: torch.Tensor, prompt_mask: torch.Tensor, tree: DraftTree,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+    """Prefill all but the last prompt token, then score the tree (its root is the last token): logits [B, N, V].
+    `features` [B, P - 1 + N, H]: what a feature draft reads with the prompt tokens, then with the tree's nodes."""
     valid = prompt_mask[:, :-1].bool()
     positions = torch.where(valid, valid.long().cumsum(1) - 1, 1)
     layout = CacheLayout(len(prompt), prompt.device)
     backend.reset(len(prompt), prompt_mask.sum(1))
     slots = layout.append(valid, positions)
-    backend.prefill(prompt[:, :-1], positions, layout.mask(slots), layout.positions)
+    past = prompt.shape[1] - 1
+    backend.prefill(prompt[:, :-1], positions, layout.mask(slots), layout.positions,
+                    **({} if features is None else {"features": features[:, :past]}))
     size = tree.size
     nodes = torch.arange(size).expand(len(prompt), size)
     node_positions = valid.sum(1, keepdim=True) + tree.depths[:, :size]
     slots = layout.append(tree.valid[:, :size], node_positions, torch.where(nodes == 0, -1, nodes))
     return backend.forward(tree.tokens[:, :size], node_positions, layout.mask(slots, tree.ancestors),
-                           layout.positions).logits
+                           layout.positions, **({} if features is None else {"features": features[:, past:]})).logits
 
 
 def max_logit_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:
@@ -53,4 +66,6 @@ def tree_logit_error(
     reference: ModelBackend, candidate: ModelBackend, prompt: torch.Tensor, prompt_mask: torch.Tensor, branching: tuple[int, ...]
 ) -> float:
     tree = random_tree(prompt[:, -1], branching, reference.vocab_size)
-    return max_logit_error(tree_logits(reference, prompt, prompt_mask, tree), tree_logits(candidate, prompt, prompt_mask, tree))
+    features = random_features(reference, prompt, tree)
+    return max_logit_error(tree_logits(reference, prompt, prompt_mask, tree, features),
+                           tree_logits(candidate, prompt, prompt_mask, tree, features))

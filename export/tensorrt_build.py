@@ -1,7 +1,8 @@
 """TensorRT engines for an export (`hf-specdec export --out DIR`): draft, target and the verify engines.
 
     DIR/target.engine, DIR/draft.engine    from target.onnx / draft.onnx, one optimization profile over the export's
-                                           limits (manifest `max_dims`: batch, new tokens, past slots)
+                                           limits (manifest `max_dims`: batch, new tokens, past slots; a
+                                           feature draft's `features` input over batch and new tokens)
     DIR/verify_<rule>.engine               the VerifyTree plugin alone, one engine per verification rule
     manifest.json "tensorrt"               library and version, compute capabilities, limits, each engine's profile
 

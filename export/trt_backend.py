@@ -4,7 +4,8 @@
 The KV cache is `OrtBackend`'s (one preallocated device tensor per model; past K/V bound in place as the engine's
 `past_*` inputs, only the new tokens' K/V written back); only the execution differs: tensor addresses and input shapes
 are set on an execution context and `execute_async_v3` runs on PyTorch's current CUDA stream, so a step never waits
-for the GPU except where the loop reads results on the host.
+for the GPU except where the loop reads results on the host. Feature pairs run as on ONNX Runtime: `features` and
+`hidden_states` are bound like every other input and output (`OrtBackend._run`).
 """
 
 from __future__ import annotations

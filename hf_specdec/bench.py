@@ -49,7 +49,8 @@ def config_for_budget(method: str, budget: int) -> SpeculativeConfig:
 
 @dataclass
 class Setting:
-    """One measured setting: a method with a config (or HF assisted with num_assistant_tokens) at a temperature."""
+    """One measured setting: a method with a config (or HF assisted with num_assistant_tokens) at a temperature, with
+    one of the bench's drafts (HF assisted: always the standalone one, the only kind it can run)."""
 
     method: str
     config: str
@@ -58,6 +59,7 @@ class Setting:
     draft_passes: int  # L: sequential draft forwards per step
     assistant_tokens: int | None = None  # hf-assisted only; None = HF's defaults
     backend: str = "pytorch"
+    draft: str = ""  # a key of the bench's drafts ("" for plain decoding)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class Record:
     target_calls: int
     draft_calls: int
     backend: str = "pytorch"
+    draft: str = ""
     log_likelihoods: list[float] = field(default_factory=list, repr=False)  # per prompt, mean per token
 
     def as_json(self) -> dict:
@@ -85,8 +88,10 @@ class Record:
         return record
 
 
-def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted_tokens=ASSISTED_TOKENS) -> list[Setting]:
-    """Every (backend, temperature, method, shape) to measure. HF assisted generation exists on PyTorch only."""
+def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted_tokens=ASSISTED_TOKENS,
+                 drafts=("draft",), assistant: str | None = "draft") -> list[Setting]:
+    """Every (backend, temperature, method, shape, draft) to measure: the speculative methods with each of `drafts`,
+    HF assisted generation (on PyTorch only) with `assistant` (None: no HF assisted rows)."""
     settings = []
     for backend in backends:
         if backend not in BACKENDS:
@@ -99,15 +104,19 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted
                     if backend == "pytorch":  # on other backends "ar" already runs through the loop
                         settings.append(Setting("ar-loop", "ar", 0, temperature, 0))
                 elif method == "hf-assisted":
-                    if backend != "pytorch":
+                    if backend != "pytorch" or assistant is None:
                         continue
-                    settings.append(Setting("hf-assisted", "hf-assisted:default", 20, temperature, 20))
+                    settings.append(Setting("hf-assisted", "hf-assisted:default", 20, temperature, 20, draft=assistant))
                     for tokens in assisted_tokens:
-                        settings.append(Setting("hf-assisted", f"hf-assisted:n={tokens}", tokens, temperature, tokens, tokens))
+                        settings.append(Setting("hf-assisted", f"hf-assisted:n={tokens}", tokens, temperature, tokens,
+                                                tokens, draft=assistant))
                 elif method in ("sd", "spectr", "rsd-c", "rsd-s"):
                     for budget in budgets:
                         config = config_for_budget(method, budget)
-                        settings.append(Setting(method, str(config), config.tree_size, temperature, config.depth, backend=backend))
+                        # an export holds one pair: the first draft
+                        settings += [Setting(method, str(config), config.tree_size, temperature, config.depth,
+                                             backend=backend, draft=draft)
+                                     for draft in (drafts if backend == "pytorch" else drafts[:1])]
                 else:
                     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     return settings
@@ -139,7 +148,7 @@ def bootstrap_ratio_ci(values: list[float], reference: list[float], resamples: i
 
 
 class ForwardCounter:
-    """Counts forward calls of a module while active (a forward hook)."""
+    """Counts forward calls of a module while active (a forward hook); of no module (None): zero."""
 
     def __init__(self, module):
         self.module, self.calls, self.handle = module, 0, None
@@ -148,22 +157,26 @@ class ForwardCounter:
         self.calls += 1
 
     def __enter__(self):
-        self.handle = self.module.register_forward_hook(self._count)
+        if self.module is not None:
+            self.handle = self.module.register_forward_hook(self._count)
         return self
 
     def __exit__(self, *_):
-        self.handle.remove()
+        if self.handle is not None:
+            self.handle.remove()
 
 
 class Bench:
-    """Runs settings on a (target, draft, tokenizer) triple over fixed prompts; `exported` (an
-    `hf_specdec.export.ort_backend.ExportedPair` of the same models) serves the onnxruntime settings."""
+    """Runs settings on a target, its drafts (name -> model: a setting's `draft` picks one) and tokenizer over fixed
+    prompts; `exported` (an `hf_specdec.export.ort_backend.ExportedPair` of the target and the first draft) serves the
+    onnxruntime settings."""
 
-    def __init__(self, target, draft, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0, exported=None):
-        self.target, self.draft, self.tokenizer, self.exported = target, draft, tokenizer, exported
+    def __init__(self, target, drafts: dict, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0,
+                 exported=None):
+        self.target, self.drafts, self.tokenizer, self.exported = target, drafts, tokenizer, exported
         self.prompt_ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in prompts]
         self.max_new_tokens, self.seed = max_new_tokens, seed
-        self.cost_ratio = parameter_count(draft) / parameter_count(target)
+        self.cost_ratios = {name: parameter_count(draft) / parameter_count(target) for name, draft in drafts.items()}
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.pad_token_id = pad
 
@@ -180,7 +193,7 @@ class Bench:
             return self.target.generate(input_ids, **common), None  # plain generate
         if setting.method == "hf-assisted":
             return self._assisted(setting, input_ids, common), None
-        out = self.target.generate(input_ids, custom_generate=speculative_generate, draft_model=self.draft,
+        out = self.target.generate(input_ids, custom_generate=speculative_generate, draft_model=self.drafts.get(setting.draft),
                                    speculative_config=setting.config, return_dict_in_generate=True, **common)
         return out.sequences, out.speculative_stats
 
@@ -196,12 +209,13 @@ class Bench:
         return result.sequences, result.stats
 
     def _assisted(self, setting: Setting, input_ids, common):
-        config = self.draft.generation_config
+        assistant = self.drafts[setting.draft]
+        config = assistant.generation_config
         saved = (config.num_assistant_tokens, config.num_assistant_tokens_schedule)
         if setting.assistant_tokens is not None:
             config.num_assistant_tokens, config.num_assistant_tokens_schedule = setting.assistant_tokens, "constant"
         try:
-            return self.target.generate(input_ids, assistant_model=self.draft, **common)
+            return self.target.generate(input_ids, assistant_model=assistant, **common)
         finally:
             config.num_assistant_tokens, config.num_assistant_tokens_schedule = saved
 
@@ -211,9 +225,10 @@ class Bench:
     def run(self, setting: Setting, progress=None) -> Record:
         tokens, seconds, target_calls, draft_calls = 0, 0.0, 0, 0
         log_likelihoods = []
+        draft = self.drafts.get(setting.draft)  # None for plain decoding
         for index, input_ids in enumerate(self.prompt_ids):
             torch.manual_seed(self.seed + index)
-            with ForwardCounter(self.target) as target_counter, ForwardCounter(self.draft) as draft_counter:
+            with ForwardCounter(self.target) as target_counter, ForwardCounter(draft) as draft_counter:
                 start = time.perf_counter()
                 sequence, stats = self._generate(setting, input_ids, self.max_new_tokens)
                 seconds += time.perf_counter() - start
@@ -228,9 +243,10 @@ class Bench:
         block_efficiency = tokens / max(target_calls, 1)
         # L: sequential draft passes per step (HF assisted stops drafting early on low confidence: use what it did)
         draft_passes = setting.draft_passes if setting.method != "hf-assisted" else draft_calls / max(target_calls, 1)
-        mbsu = block_efficiency / (self.cost_ratio * draft_passes + 1)
+        mbsu = block_efficiency / (self.cost_ratios.get(setting.draft, 0.0) * draft_passes + 1)
         return Record(
             backend=setting.backend,
+            draft=setting.draft,
             method=setting.method,
             config=setting.config,
             budget=setting.budget,

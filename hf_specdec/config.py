@@ -8,6 +8,10 @@ String grammar (round-trips through `SpeculativeConfig.parse(str(cfg))`):
     rsd-c:b=3-2-2       RSD with a constant branching tree: b_l children per node at depth l
     rsd-s:w=W,d=L       RSD with stochastic beam search: width W, depth L
     auto                the planner picks one of the above for this model, device and batch size
+
+Any tree may add `,q=Q` (0 < Q < 1): a dynamic tree that grows a node's children only while the draft's own
+probability of the path to the node is at least Q (`min_path_q`), and stops drafting when no node qualifies. The
+decisions depend on q alone, so every verifier stays exact; the shape above is then the largest tree.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 METHODS = ("ar", "sd", "spectr", "rsd-c", "rsd-s", "auto")
 
-GRAMMAR = "ar | sd:l=L | spectr:k=K,l=L | rsd-c:b=B1-B2-... | rsd-s:w=W,d=L | auto"
+GRAMMAR = "ar | sd:l=L | spectr:k=K,l=L | rsd-c:b=B1-B2-... | rsd-s:w=W,d=L | auto (trees may add ,q=Q)"
 
 _KEYS = {"ar": (), "auto": (), "sd": ("l",), "spectr": ("k", "l"), "rsd-c": ("b",), "rsd-s": ("w", "d")}
 
@@ -32,6 +36,7 @@ class SpeculativeConfig:
     num_sequences: int = 1  # K (spectr)
     branching: tuple[int, ...] = ()  # b_1..b_L (rsd-c)
     beam_width: int = 1  # W (rsd-s)
+    min_path_q: float = 0.0  # Q: grow only nodes whose path probability under q is at least this (0: static)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -47,6 +52,9 @@ class SpeculativeConfig:
             raise ValueError(f"spectr needs k >= 1 sequences, got {self.num_sequences}")
         if self.method == "rsd-s" and self.beam_width < 1:
             raise ValueError(f"rsd-s needs a beam width >= 1, got {self.beam_width}")
+        if not 0.0 <= self.min_path_q < 1.0 or (self.min_path_q and not self.is_speculative):
+            raise ValueError(f"q (the minimum path probability of a dynamic tree) must be in [0, 1) and apply to a "
+                             f"tree, got q={self.min_path_q} for {self.method}")
 
     # ---------------------------------------------------------------- constructors
     @classmethod
@@ -80,39 +88,43 @@ class SpeculativeConfig:
         if method not in _KEYS:
             raise ValueError(f"cannot parse speculative_config {text!r}: unknown method {method!r}; grammar: {GRAMMAR}")
         values = {}
+        allowed = _KEYS[method] + (("q",) if _KEYS[method] else ())  # every tree may be dynamic
         for item in filter(None, args.split(",")):
             key, eq, value = item.partition("=")
-            if not eq or key not in _KEYS[method] or key in values:
+            if not eq or key not in allowed or key in values:
                 raise ValueError(f"cannot parse speculative_config {text!r}: bad field {item!r}; grammar: {GRAMMAR}")
             values[key] = value
-        if set(values) != set(_KEYS[method]):
+        if not set(_KEYS[method]) <= set(values):
             missing = ", ".join(k for k in _KEYS[method] if k not in values)
             raise ValueError(f"cannot parse speculative_config {text!r}: missing {missing}; grammar: {GRAMMAR}")
         try:
+            min_path_q = float(values.pop("q", 0.0))
             if method == "rsd-c":
                 if not re.fullmatch(r"\d+(-\d+)*", values["b"]):
                     raise ValueError
-                return cls.rsd_c(int(b) for b in values["b"].split("-"))
+                return cls("rsd-c", branching=tuple(int(b) for b in values["b"].split("-")), min_path_q=min_path_q)
             ints = {k: int(v) for k, v in values.items()}
         except ValueError:
-            raise ValueError(f"cannot parse speculative_config {text!r}: values must be integers; grammar: {GRAMMAR}")
+            raise ValueError(f"cannot parse speculative_config {text!r}: values must be integers (q a number); "
+                             f"grammar: {GRAMMAR}")
         if method == "sd":
-            return cls.sd(ints["l"])
+            return cls("sd", depth=ints["l"], min_path_q=min_path_q)
         if method == "spectr":
-            return cls.spectr(ints["k"], ints["l"])
+            return cls("spectr", depth=ints["l"], num_sequences=ints["k"], min_path_q=min_path_q)
         if method == "rsd-s":
-            return cls.rsd_s(ints["w"], ints["d"])
+            return cls("rsd-s", depth=ints["d"], beam_width=ints["w"], min_path_q=min_path_q)
         return cls(method)
 
     def __str__(self) -> str:
+        dynamic = f",q={self.min_path_q:g}" if self.min_path_q else ""
         if self.method == "sd":
-            return f"sd:l={self.depth}"
+            return f"sd:l={self.depth}{dynamic}"
         if self.method == "spectr":
-            return f"spectr:k={self.num_sequences},l={self.depth}"
+            return f"spectr:k={self.num_sequences},l={self.depth}{dynamic}"
         if self.method == "rsd-c":
-            return "rsd-c:b=" + "-".join(map(str, self.branching))
+            return "rsd-c:b=" + "-".join(map(str, self.branching)) + dynamic
         if self.method == "rsd-s":
-            return f"rsd-s:w={self.beam_width},d={self.depth}"
+            return f"rsd-s:w={self.beam_width},d={self.depth}{dynamic}"
         return self.method
 
     # ---------------------------------------------------------------- shape
@@ -127,6 +139,10 @@ class SpeculativeConfig:
         if self.method == "rsd-s":
             return (self.beam_width,) * self.depth
         return ()
+
+    def largest_shape(self) -> "SpeculativeConfig":
+        """The same tree without dynamic growth (its largest shape)."""
+        return SpeculativeConfig(self.method, self.depth, self.num_sequences, self.branching, self.beam_width)
 
     @property
     def tree_size(self) -> int:

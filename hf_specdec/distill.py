@@ -211,16 +211,21 @@ def feature_loss(draft, teacher_head: torch.nn.Linear, batch: TrainingBatch, bf1
     """Sum over unrolled steps k of step_decay^(k-1) (KL(p || q_k) + feature_weight * smooth-L1), at the batch's loss
     positions that have a chain of k - 1 real predecessors. `per_step` (a list) receives each step's KL."""
     length = batch.tokens.shape[1]
-    with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+    device_type = batch.tokens.device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16_autocast):
         predictions = feature_unrolled(draft, batch.tokens, batch.features, options.unroll)
+    targets = batch.features[batch.loss_mask]
+    with torch.no_grad():
+        teacher_logits = teacher_head(targets)  # once: step k uses the positions with t >= k - 1
+    offsets = torch.arange(length, device=batch.tokens.device).expand_as(batch.loss_mask)[batch.loss_mask]
     total = 0.0
     for step, hidden in enumerate(predictions, start=1):
-        where = batch.loss_mask & (torch.arange(length) >= step - 1)
-        predicted = hidden[where]
-        with torch.autocast(batch.tokens.device.type, dtype=torch.bfloat16, enabled=bf16_autocast):
+        chained = offsets >= step - 1
+        predicted = hidden[batch.loss_mask][chained]
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16_autocast):
             kept_logits = draft.lm_head.kept_logits(predicted)
-        kl = kl_to_teacher(kept_logits, teacher_head(batch.features[where]))
-        regression = F.smooth_l1_loss(predicted.float(), batch.features[where])
+        kl = kl_to_teacher(kept_logits, teacher_logits[chained])
+        regression = F.smooth_l1_loss(predicted.float(), targets[chained])
         total = total + options.step_decay ** (step - 1) * (kl + options.feature_weight * regression)
         if per_step is not None:
             per_step.append(kl.item())

@@ -135,7 +135,7 @@ class ChainDrafter(Drafter):
         else:
             index = torch.multinomial(last.exp(), 1)
         tokens = _tokens(index, None if token_ids is None else token_ids[:, 0], 1)
-        return tree.add_level(frontier[:, :1], tokens, frontier_valid[:, :1])
+        return tree.add_level(frontier[:, :1], tokens, frontier_valid[:, :1], last.gather(1, index))
 
 
 class BranchingDrafter(Drafter):
@@ -149,7 +149,7 @@ class BranchingDrafter(Drafter):
         tokens = _tokens(index, token_ids, -1)
         valid = torch.isfinite(values) & frontier_valid[..., None]
         parents = frontier[..., None].expand_as(tokens)
-        return tree.add_level(parents.flatten(1), tokens.flatten(1), valid.flatten(1))
+        return tree.add_level(parents.flatten(1), tokens.flatten(1), valid.flatten(1), logq.gather(-1, index).flatten(1))
 
 
 class BeamDrafter(Drafter):
@@ -178,7 +178,7 @@ class BeamDrafter(Drafter):
         valid = torch.isfinite(values)
         state.phi = phi.flatten(1).gather(1, flat)
         state.gumbel = values
-        return tree.add_level(frontier.gather(1, beam), tokens, valid)
+        return tree.add_level(frontier.gather(1, beam), tokens, valid, logq.flatten(1).gather(1, flat))
 
     def max_paths(self) -> int:
         # W leaves at the last level, and at most W - 1 beams end at each level before it
@@ -209,25 +209,25 @@ class SequencesDrafter(Drafter):
         seq_ids = None if token_ids is None else token_ids.gather(1, entries)
         if not self.greedy:
             index = torch.multinomial(seq_logq.flatten(0, 1).exp(), 1).view_as(column)
-            tokens = _tokens(index[..., None], seq_ids, 2).squeeze(2)
             drawn = torch.ones_like(alive)
         elif tree.depth == 0:
             values, top = logq[:, 0].topk(min(self.config.num_sequences, width), dim=-1)
-            top = _tokens(top, None if token_ids is None else token_ids[:, 0], 1)
-            tokens = torch.zeros_like(column)
-            tokens[:, : top.shape[1]] = top
+            index = torch.zeros_like(column)
+            index[:, : top.shape[1]] = top
             drawn = torch.zeros_like(alive)
             drawn[:, : top.shape[1]] = torch.isfinite(values)
         else:
-            tokens = _tokens(seq_logq.argmax(-1, keepdim=True), seq_ids, 2).squeeze(2)
+            index = seq_logq.argmax(-1)
             drawn = torch.ones_like(alive)
+        tokens = _tokens(index[..., None], seq_ids, 2).squeeze(2)
+        token_log_q = seq_logq.gather(2, index[..., None]).squeeze(2)
         alive &= drawn & frontier_valid.gather(1, column)
         # merge sequences with the same (parent, token) into one trie node: the slot of the first such sequence
         key = torch.where(alive, state.sequence_nodes * _TOKEN_RANGE + tokens,
                           -1 - torch.arange(alive.shape[1], device=alive.device))
         first = (key[:, :, None] == key[:, None, :]).to(torch.int8).argmax(-1)  # the first sequence with the same key
         is_first = (first == torch.arange(key.shape[1], device=key.device)) & alive
-        nodes = tree.add_level(state.sequence_nodes.clamp(min=0), tokens, is_first)
+        nodes = tree.add_level(state.sequence_nodes.clamp(min=0), tokens, is_first, token_log_q)
         state.sequence_nodes = torch.where(alive, nodes.gather(1, first), -1)
         state.sequence_paths.append(state.sequence_nodes)
         return nodes

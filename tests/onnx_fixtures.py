@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from feature_fixtures import feature_draft_for, predictable_target
 from tiny_models import perturbed_copy, tiny_model, word_tokenizer
 
 from hf_specdec.cli import main as cli_main
@@ -86,3 +87,33 @@ def export_tiny_pair(tmp_path_factory, family: str) -> Path:
         assert cli_main(arguments) == 0
 
     return export_once(tmp_path_factory, family, export_with_cli if family == "gpt2" else export_with_api)
+
+
+def feature_pair(family: str):
+    """(target, feature draft) used by the feature-draft tests: a `predictable_target` and a feature draft that
+    agrees with it often."""
+    target = predictable_target(family)
+    target.generation_config.eos_token_id = None
+    return target, feature_draft_for(target)
+
+
+def export_feature_pair(tmp_path_factory, family: str) -> Path:
+    """The `feature_pair` of `family`, exported (the target graph returns `hidden_states`, the draft graph reads
+    `features`). The gpt2 pair goes through the command line on saved models, the others through the Python API."""
+    target, draft = feature_pair(family)
+    tokenizer = word_tokenizer(target.config.vocab_size)
+    sources = {"target": f"tiny {family}", "draft": f"tiny {family} feature draft"}
+
+    def export_with_api(out: Path) -> None:
+        export_pair(target, draft, tokenizer, out, sources, max_new_tokens=MAX_NEW_TOKENS)
+
+    def export_with_cli(out: Path) -> None:
+        source = tmp_path_factory.mktemp(f"{family}-feature-source")
+        target.save_pretrained(source / "target")
+        tokenizer.save_pretrained(source / "target")
+        draft.save_pretrained(source / "draft")
+        arguments = ["export", "--target", str(source / "target"), "--draft", str(source / "draft"), "--out", str(out),
+                     "--max-new-tokens", str(MAX_NEW_TOKENS)]
+        assert cli_main(arguments) == 0
+
+    return export_once(tmp_path_factory, f"feature-{family}", export_with_cli if family == "gpt2" else export_with_api)

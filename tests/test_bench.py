@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+from feature_fixtures import tiny_feature_draft
 from tiny_models import character_tokenizer, perturbed_copy, tiny_model, word_tokenizer
 
 from hf_specdec.bench import Bench, config_for_budget, relate_to_plain, settings_for
@@ -18,9 +19,10 @@ KEYS = {"method", "config", "budget", "temperature", "block_efficiency", "mbsu",
 def records():
     target = tiny_model("llama", vocab_size=96, scale=0.3)
     target.generation_config.eos_token_id = None
-    draft = perturbed_copy(target, noise=0.05)
-    bench = Bench(target, draft, character_tokenizer(), ["abc", "hello world"], max_new_tokens=12)
-    settings = settings_for(["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s"], [6, 10], [1.0, 0.0])
+    drafts = {"feature": tiny_feature_draft(target), "standalone": perturbed_copy(target, noise=0.05)}
+    bench = Bench(target, drafts, character_tokenizer(), ["abc", "hello world"], max_new_tokens=12)
+    settings = settings_for(["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s"], [6, 10], [1.0, 0.0],
+                            drafts=["feature", "standalone"], assistant="standalone")
     out = [bench.run(setting) for setting in settings]
     relate_to_plain(out)
     return out
@@ -34,7 +36,10 @@ def test_every_setting_is_measured(records):
         assert 1.0 <= r.block_efficiency <= r.budget + 1 or r.method == "ar"
         assert r.mbsu <= r.block_efficiency
     assert all(r.block_efficiency == 1.0 for r in records if r.method in ("ar", "ar-loop"))
-    assert {r.budget for r in records if r.method == "rsd-s"} == {6, 10}
+    assert {(r.budget, r.draft) for r in records if r.method == "rsd-s"} == {
+        (b, d) for b in (6, 10) for d in ("feature", "standalone")}
+    assert {r.draft for r in records if r.method == "hf-assisted"} == {"standalone"}
+    assert all(r.draft == "" and r.draft_calls == 0 for r in records if r.method in ("ar", "ar-loop"))
 
 
 def test_greedy_accuracy_is_exactly_one(records):
@@ -70,7 +75,7 @@ def test_onnxruntime_settings_run_on_the_exported_pair(tmp_path_factory):
 
     target, draft = tiny_pair("llama")  # the models `export_tiny_pair` exports (seeded)
     model_dir = export_tiny_pair(tmp_path_factory, "llama")
-    bench = Bench(target, draft, word_tokenizer(96), ["t1 t5 t9 t4", "t1 t7"], max_new_tokens=10,
+    bench = Bench(target, {"draft": draft}, word_tokenizer(96), ["t1 t5 t9 t4", "t1 t7"], max_new_tokens=10,
                   exported=load_onnxruntime_pair(model_dir))
     settings = settings_for(["ar", "rsd-s"], [6], [0.0], ["pytorch", "onnxruntime"])
     records = [bench.run(setting) for setting in settings]

@@ -91,7 +91,8 @@ def pytorch_sampler(pairs):
 
 
 def onnxruntime_sampler(exported):
-    """The same on ONNX Runtime: `exported` maps a draft name to the exported (target, that draft) pair."""
+    """The same on ONNX Runtime: `exported` maps a draft name to the exported (target, that draft) pair (for the
+    feature draft, a target graph that returns its features and a draft graph that reads them)."""
 
     def sample(draft, config, temperature, top_k):
         pair = exported[draft]
@@ -139,11 +140,13 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chi2.sf(statistic, df=int(keep.sum()) - 1))
 
 
+# the last shape of each method is a dynamic tree (q=: nodes grow children only while the draft reaches them with
+# at least that probability)
 SHAPES = {
-    "sd": ["sd:l=1", "sd:l=3"],
-    "spectr": ["spectr:k=2,l=2", "spectr:k=4,l=3"],
-    "rsd-c": ["rsd-c:b=2-2", "rsd-c:b=3-2-1"],
-    "rsd-s": ["rsd-s:w=2,d=2", "rsd-s:w=4,d=3"],
+    "sd": ["sd:l=1", "sd:l=3", "sd:l=3,q=0.3"],
+    "spectr": ["spectr:k=2,l=2", "spectr:k=4,l=3", "spectr:k=4,l=3,q=0.3"],
+    "rsd-c": ["rsd-c:b=2-2", "rsd-c:b=3-2-1", "rsd-c:b=3-2-1,q=0.2"],
+    "rsd-s": ["rsd-s:w=2,d=2", "rsd-s:w=4,d=3", "rsd-s:w=4,d=3,q=0.2"],
 }
 # (temperature, top-k, draft)
 SETTINGS = {
@@ -155,9 +158,10 @@ SETTINGS = {
 }
 
 
-# PyTorch: every shape. ONNX Runtime runs the same loop and verifiers on another backend: the deepest shape of each
-# method (the most cache rearranging per step) is enough to check the backend.
-CASES = [("pytorch", c) for shapes in SHAPES.values() for c in shapes] + [("onnxruntime", shapes[-1]) for shapes in SHAPES.values()]
+# PyTorch: every shape. ONNX Runtime runs the same loop and verifiers on another backend: the deepest static shape of
+# each method (the most cache rearranging per step) is enough to check the backend, with every setting, the feature
+# draft's included (its exported pair: the target graph returns its features, the draft graph reads them).
+CASES = [("pytorch", c) for shapes in SHAPES.values() for c in shapes] + [("onnxruntime", shapes[1]) for shapes in SHAPES.values()]
 
 
 @pytest.mark.parametrize("setting", SETTINGS)

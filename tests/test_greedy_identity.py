@@ -15,7 +15,8 @@ from tiny_models import FAMILIES, left_padded_prompts, perturbed_copy, tiny_mode
 
 from hf_specdec import speculative_generate
 
-METHODS = ["ar", "sd:l=4", "spectr:k=3,l=3", "rsd-c:b=2-2-1", "rsd-s:w=3,d=4"]
+# the last two are dynamic trees (nodes grow only while the draft reaches them with at least probability q)
+METHODS = ["ar", "sd:l=4", "spectr:k=3,l=3", "rsd-c:b=2-2-1", "rsd-s:w=3,d=4", "sd:l=6,q=0.3", "rsd-c:b=3-2-1-1,q=0.2"]
 NEW_TOKENS = 64
 
 

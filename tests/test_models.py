@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from hf_specdec import distill, models
 from hf_specdec.draft_model import ReducedVocabLlamaConfig, ReducedVocabLlamaForCausalLM
+from hf_specdec.feature_draft import FeatureDraftConfig, FeatureDraftForCausalLM
 
 KEPT = list(range(0, VOCAB_SIZE, 3))
 
@@ -76,9 +77,9 @@ def test_hf_assisted_generation_uses_the_draft_and_keeps_greedy_output():
 
 
 def test_shipped_draft_loads_through_the_auto_classes():
-    config = AutoConfig.from_pretrained(models.DRAFT_DIR)
+    config = AutoConfig.from_pretrained(models.DRAFT_DIRS["standalone"])
     assert isinstance(config, ReducedVocabLlamaConfig) and config.vocab_size == 49152
-    draft = models.load_draft()
+    draft = models.load_draft(kind="standalone")
     assert isinstance(draft, ReducedVocabLlamaForCausalLM) and not draft.training
     assert draft.dtype == torch.float32
     logits = draft(torch.tensor([[1, 9690, 198]])).logits
@@ -87,14 +88,31 @@ def test_shipped_draft_loads_through_the_auto_classes():
     assert torch.isneginf(logits).sum() == 3 * (49152 - len(config.kept_token_ids))
 
 
+def test_shipped_feature_draft_loads_through_the_auto_classes():
+    config = AutoConfig.from_pretrained(models.DRAFT_DIRS["feature"])
+    assert isinstance(config, FeatureDraftConfig) and config.vocab_size == 49152 and config.hidden_size == 576
+    draft = models.load_draft(kind="feature")
+    assert isinstance(draft, FeatureDraftForCausalLM) and not draft.training and draft.dtype == torch.float32
+    out = draft(torch.tensor([[1, 9690, 198]]), torch.zeros(1, 3, 576))
+    assert out.logits.shape == (1, 3, 49152) and out.features.shape == (1, 3, 576)
+    assert torch.isneginf(out.logits).sum() == 3 * (49152 - len(config.kept_token_ids))
+
+
 @pytest.mark.slow
 def test_default_pair_is_ready_for_speculative_generate():
+    from hf_specdec import speculative_generate
+
     target, draft, tokenizer = models.load_default_pair()
-    assert not target.training and not draft.training
+    assert isinstance(draft, FeatureDraftForCausalLM) and not target.training and not draft.training
     assert target.config.vocab_size == draft.config.vocab_size == len(tokenizer)
     assert target.device.type == draft.device.type == "cpu"
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt", return_dict=True
     )
-    out = target.generate(**prompt, assistant_model=draft, do_sample=False, max_new_tokens=8)
-    assert torch.equal(out, target.generate(**prompt, do_sample=False, max_new_tokens=8))
+    plain = target.generate(**prompt, do_sample=False, max_new_tokens=16)
+    out = target.generate(**prompt, custom_generate=speculative_generate, draft_model=draft,
+                          speculative_config="rsd-s:w=2,d=4", do_sample=False, max_new_tokens=16)
+    assert torch.equal(out, plain)
+    standalone = models.load_draft(kind="standalone")
+    assisted = target.generate(**prompt, assistant_model=standalone, do_sample=False, max_new_tokens=16)
+    assert torch.equal(assisted, plain)

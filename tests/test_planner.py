@@ -302,9 +302,9 @@ def test_simulate_cli_bad_input(argv, message, capsys):
 
 
 def test_shipped_draft_is_modelled_with_its_reduced_head():
-    from hf_specdec.models import DRAFT_DIR
+    from hf_specdec.models import DRAFT_DIRS
 
-    draft = load_shape(str(DRAFT_DIR))
+    draft = load_shape(str(DRAFT_DIRS["standalone"]))
     assert (draft.num_layers, draft.hidden_size, draft.vocab_size) == (2, 576, 8192)
 
 
@@ -342,5 +342,24 @@ def test_auto_learns_that_trees_do_not_pay_from_measured_steps(tmp_path, monkeyp
     chosen = choose_config(target, draft, batch_size=1, context_length=64, temperature=1.0)
     assert chosen.is_speculative
     record_step_time(target, draft, PLAIN, 0.01, 1)
-    record_step_time(target, draft, str(chosen), 0.05, 1)  # five plain tokens' time for one step
+    record_step_time(target, draft, str(chosen.largest_shape()), 0.05, 1)  # five plain tokens' time for one step
     assert choose_config(target, draft, batch_size=1, context_length=64, temperature=1.0).method == "ar"
+
+
+def test_growth_threshold_is_the_node_cost_times_the_speedup():
+    """A node pays when the probability of reaching it exceeds its share of the step's extra cost times the speedup:
+    large where every scored token costs (a CPU), small where the tree is nearly free (a GPU at small batch)."""
+    from hf_specdec.planner import dynamic
+    from hf_specdec.planner.planning import MAX_GROWTH_Q, MIN_GROWTH_Q, StepEstimate, growth_threshold
+
+    def estimate(step_seconds, efficiency, config="rsd-c:b=2-2-1"):
+        shape = SpeculativeConfig.parse(config)
+        return StepEstimate(batch=1, candidates=shape.tree_size + 1, config=shape, block_efficiency=efficiency,
+                            target_seconds={"mlp": step_seconds}, draft_seconds=0.0, baseline_seconds=1.0)
+
+    cpu = estimate(2.0, 3.0)  # a 10-node tree costs twice one token: each node 1/10 of a token, speedup 1.5
+    assert growth_threshold(cpu) == pytest.approx(1 / 10 * 1.5)
+    assert growth_threshold(estimate(1.02, 3.0)) == MIN_GROWTH_Q  # nearly free nodes: grow almost everything
+    assert growth_threshold(estimate(20.0, 9.0)) == MAX_GROWTH_Q
+    assert dynamic(cpu) == SpeculativeConfig.parse("rsd-c:b=2-2-1,q=0.15")
+    assert dynamic(estimate(2.0, 1.5, "sd:l=1")) == SpeculativeConfig.parse("sd:l=1")  # nothing to grow

@@ -1,9 +1,11 @@
-"""TensorRT: engines for a tiny Llama draft and target and the verify engines (the VerifyTree plugin) build on this
-CPU-only machine with TensorRT for RTX; running them needs a supported GPU (those tests skip without one)."""
+"""TensorRT: engines for a tiny Llama draft and target and the verify engines (the VerifyTree plugin), and for a
+feature pair (the target engine returning `hidden_states`, the draft engine reading `features`), build on this CPU-only
+machine with TensorRT for RTX; running them needs a supported GPU (those tests skip without one)."""
 
 from __future__ import annotations
 
 import importlib
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -23,6 +25,7 @@ from hf_specdec.export.tensorrt_build import (  # noqa: E402
 )
 from hf_specdec.trt_plugins import tensorrt_library  # noqa: E402
 from hf_specdec.verification import RULES, VerifyInputs, verify_tree  # noqa: E402
+from onnx_fixtures import MAX_NEW_TOKENS, export_feature_pair  # noqa: E402
 from tiny_models import perturbed_copy, tiny_model, word_tokenizer  # noqa: E402
 from verify_cases import random_case  # noqa: E402
 
@@ -66,6 +69,32 @@ def test_engines_build_on_cpu_and_match_the_manifest_execution_needs_gpu(engines
     with pytest.raises(ValueError, match="not supported by TensorRT for RTX"):
         build_engines(engines_dir, capabilities=["SM90"])
     build_engines(engines_dir)  # back to every default generation, for the GPU tests
+
+
+@pytest.fixture(scope="module")
+def feature_engines_dir(tmp_path_factory):
+    """A copy of the tiny Llama feature pair's export with its target and draft engines (build only; the verify
+    engines do not depend on the models and are built above)."""
+    model_dir = shutil.copytree(export_feature_pair(tmp_path_factory, "llama"), tmp_path_factory.mktemp("tensorrt_feature_pair") / "pair")
+    build_engines(model_dir, rules=())
+    return model_dir
+
+
+def test_feature_pair_engines_build_with_the_feature_io(feature_engines_dir):
+    manifest = Manifest.load(feature_engines_dir)
+    record = manifest.tensorrt
+    assert set(record["engines"]) == {"target", "draft"}
+    for name, engine in record["engines"].items():
+        assert (feature_engines_dir / engine["file"]).stat().st_size > 0, name
+    # the engines' I/O was checked against these when built: the target returns hidden_states, the draft also reads
+    # features, whose profile spans the export's batch and tokens per forward at the hidden size
+    io = {role: {(t.name, t.is_input) for t in declared_io(manifest.entry(role).inputs, manifest.entry(role).outputs)}
+          for role in ("target", "draft")}
+    assert ("hidden_states", False) in io["target"] and ("features", True) not in io["target"]
+    assert {("hidden_states", False), ("features", True)} <= io["draft"]
+    max_batch = manifest.max_dims["batch"]
+    assert record["engines"]["draft"]["profile"]["features"] == [[1, 1, 32], [1, 16, 32], [max_batch, MAX_NEW_TOKENS, 32]]
+    assert "features" not in record["engines"]["target"]["profile"]
 
 
 def test_engine_io_not_matching_the_manifest_is_a_clear_error():
@@ -115,6 +144,26 @@ def test_tensorrt_backend_generates_what_onnxruntime_generates(engines_dir):
         pair.generation_config.update(do_sample=False, max_new_tokens=12)
         result = decode(pair.target, pair.draft, prompt.to(device), pair.generation_config, "rsd-c:b=2-2",
                         verifier=pair.verifier)
+        outputs.append(result.sequences.cpu())
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_tensorrt_feature_pair_generates_what_onnxruntime_generates(feature_engines_dir):
+    from transformers import GenerationConfig
+
+    from hf_specdec.export.ort_backend import load_onnxruntime_pair
+    from hf_specdec.export.trt_backend import load_tensorrt_pair
+    from hf_specdec.generation import decode
+
+    prompt = torch.randint(4, 96, (2, 7))
+    config = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=0)
+    outputs = []
+    for pair, device in ((load_onnxruntime_pair(feature_engines_dir, device="cpu"), "cpu"),
+                         (load_tensorrt_pair(feature_engines_dir), "cuda")):
+        # the device's default verifier: no verify engines were built for this pair
+        result = decode(pair.target, pair.draft, prompt.to(device), config, "rsd-c:b=2-2")
         outputs.append(result.sequences.cpu())
     assert torch.equal(outputs[0], outputs[1])
 

@@ -29,7 +29,11 @@ def add_parser(subparsers) -> None:
         "plain generate and accuracy (target log-likelihood relative to plain decoding).",
     )
     parser.add_argument("--target", help="target model (HF id or dir); default: the embedded SmolLM2-135M-Instruct")
-    parser.add_argument("--draft", help="draft model (HF id or dir); default: the embedded distilled draft")
+    parser.add_argument("--draft", help="draft model (HF id or dir); default: the embedded distilled drafts")
+    parser.add_argument("--draft-kinds", type=_csv_list(str), default=["feature"],
+                        help="embedded pair: which drafts the speculative methods run with (feature, standalone)")
+    parser.add_argument("--assistant", help="HF assisted generation's draft (HF id or dir of an ordinary causal LM); "
+                        "default: the embedded standalone draft, or --draft if it is one")
     parser.add_argument("--backends", type=_csv_list(str), default=["pytorch"],
                         help="pytorch and/or onnxruntime (the same pair exported to --model-dir; exported there first "
                         "if the directory has no export)")
@@ -59,14 +63,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="with --overhead: cpu or cuda")
 
 
-COLUMNS = ("backend", "method", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s", "speedup",
-           "accuracy")
+COLUMNS = ("backend", "method", "draft", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s",
+           "speedup", "accuracy")
 
 
 def format_table(records) -> str:
     rows = [COLUMNS + ("accuracy 95% CI",)]
     for r in records:
-        rows.append((r.backend, r.method, r.config, str(r.budget), f"{r.temperature:g}", f"{r.block_efficiency:.2f}",
+        rows.append((r.backend, r.method, r.draft or "-", r.config, str(r.budget), f"{r.temperature:g}", f"{r.block_efficiency:.2f}",
                      f"{r.mbsu:.2f}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x", f"{r.accuracy:.3f}",
                      f"[{r.accuracy_ci[0]:.3f}, {r.accuracy_ci[1]:.3f}]"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -107,11 +111,16 @@ def plot_grid(records, path: Path) -> None:
         chosen = [r for r in records if r.temperature == temperature]
         for col, (key, label) in enumerate(metrics):
             axis = axes[row, col]
+            drafts = list(dict.fromkeys(r.draft for r in chosen if r.method in styles))
             for method, (color, marker, line) in styles.items():
                 name = method.upper().replace("SPECTR", "SpecTr")
-                points = sorted((r.budget, getattr(r, key)) for r in chosen if r.method == method and r.backend == "pytorch")
-                if points:
-                    axis.plot(*zip(*points), color=color, marker=marker, linestyle=line, label=name)
+                for rank, draft in enumerate(drafts):  # the first draft bold, others faint
+                    points = sorted((r.budget, getattr(r, key)) for r in chosen
+                                    if r.method == method and r.backend == "pytorch" and r.draft == draft)
+                    if points:
+                        label = name if len(drafts) == 1 else f"{name} ({draft})"
+                        axis.plot(*zip(*points), color=color, marker=marker, linestyle=line, label=label,
+                                  alpha=1.0 if rank == 0 else 0.4)
                 exported = sorted((r.budget, r.speedup) for r in chosen if r.method == method and r.backend == "onnxruntime")
                 if key == "speedup" and exported:
                     axis.plot(*zip(*exported), color=color, marker=marker, linestyle=line, alpha=0.45, label=f"{name} (ORT)")
@@ -133,18 +142,37 @@ def plot_grid(records, path: Path) -> None:
     plt.close(figure)
 
 
-def load_pair(args):
+def load_models(args):
+    """(target, drafts: name -> model, assistant: the name of HF assisted generation's draft or None, tokenizer)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_specdec import models
+    from hf_specdec.feature_draft import reads_target_features
+
+    def load(name):
+        return AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa").eval()
 
     if args.target is None:
-        return models.load_default_pair()
+        if args.draft is not None:
+            raise SystemExit("--draft needs --target (the embedded drafts belong to the embedded target)")
+        unknown = set(args.draft_kinds) - set(models.DRAFT_DIRS)
+        if unknown:
+            raise SystemExit(f"unknown --draft-kinds {sorted(unknown)}; expected {', '.join(models.DRAFT_DIRS)}")
+        drafts = {kind: models.load_draft(kind=kind) for kind in dict.fromkeys([*args.draft_kinds, "standalone"])}
+        assistant = "standalone"
+        if args.assistant:
+            drafts["assistant"], assistant = load(args.assistant), "assistant"
+        return models.load_target(), drafts, assistant, models.load_tokenizer()
     if args.draft is None:
         raise SystemExit("--target needs --draft (a draft trained for that target)")
-    target = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa").eval()
-    draft = AutoModelForCausalLM.from_pretrained(args.draft, attn_implementation="sdpa").eval()
-    return target, draft, AutoTokenizer.from_pretrained(args.target)
+    drafts = {"draft": load(args.draft)}
+    assistant = None if reads_target_features(drafts["draft"]) else "draft"
+    if args.assistant:
+        drafts["assistant"], assistant = load(args.assistant), "assistant"
+    if assistant is None and "hf-assisted" in args.methods:
+        print("--draft is a feature draft, which HF assisted generation cannot run: no hf-assisted rows (give "
+              "--assistant a standalone draft for them)", file=sys.stderr)
+    return load(args.target), drafts, assistant, AutoTokenizer.from_pretrained(args.target)
 
 
 def load_export(args, target, draft, tokenizer):
@@ -195,13 +223,15 @@ def run(args: argparse.Namespace) -> int:
     methods = list(args.methods)
     if "ar" not in methods:
         methods.insert(0, "ar")  # speedup and accuracy are relative to plain generate
-    settings = settings_for(methods, args.budgets, args.temperatures, args.backends, assisted_tokens)
-    target, draft, tokenizer = load_pair(args)
-    exported = load_export(args, target, draft, tokenizer) if "onnxruntime" in args.backends else None
-    bench = Bench(target, draft, tokenizer, heldout_prompts(args.prompts, tokenizer, args.max_prompt_tokens),
+    target, drafts, assistant, tokenizer = load_models(args)
+    ours = list(args.draft_kinds) if args.target is None else ["draft"]
+    settings = settings_for(methods, args.budgets, args.temperatures, args.backends, assisted_tokens, ours, assistant)
+    exported = load_export(args, target, drafts[ours[0]], tokenizer) if "onnxruntime" in args.backends else None
+    bench = Bench(target, drafts, tokenizer, heldout_prompts(args.prompts, tokenizer, args.max_prompt_tokens),
                   args.max_new_tokens, args.seed, exported)
+    ratios = ", ".join(f"{name} {ratio:.3f}" for name, ratio in bench.cost_ratios.items())
     print(f"{len(settings)} settings x {args.prompts} prompts, {args.max_new_tokens} new tokens; "
-          f"draft/target parameters c = {bench.cost_ratio:.3f}", file=sys.stderr)
+          f"draft/target parameters c: {ratios}", file=sys.stderr)
     records = []
     with tqdm(total=len(settings) * args.prompts, desc="bench", unit="generation", file=sys.stderr) as progress:
         for setting in settings:

@@ -15,11 +15,15 @@ def add_parser(subparsers) -> None:
         help="export the target and draft to ONNX (for --backend onnxruntime)",
         description="Export a target/draft pair to ONNX: DIR/target.onnx and DIR/draft.onnx (weights as external "
         "data), the tokenizer files, generation_config.json and manifest.json. Without --target/--draft the embedded "
-        "default pair is exported. Run it with `hf-specdec generate --backend onnxruntime --model-dir DIR PROMPT`.",
+        "default pair is exported. A feature-conditioned draft (`hf-specdec distill --draft-type feature`) exports "
+        "with its target: the target graph also returns its hidden states (output hidden_states), which the draft "
+        "graph reads (input features). Run it with `hf-specdec generate --backend onnxruntime --model-dir DIR PROMPT`.",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--target", help="target model: HF id or directory (default: the embedded target)")
-    parser.add_argument("--draft", help="draft model: HF id or directory (required with --target)")
+    parser.add_argument(
+        "--draft", help="draft model: HF id or directory, standalone or feature-conditioned (required with --target)"
+    )
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"largest batch (default {DEFAULT_MAX_BATCH})")
     parser.add_argument(
         "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,

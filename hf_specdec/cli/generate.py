@@ -14,13 +14,17 @@ def add_parser(subparsers) -> None:
         help="generate text for one prompt with speculative decoding",
         description="Generate a reply to PROMPT with tree speculative decoding. The generated text goes to stdout "
         "(streamed), statistics to stderr. Without --target/--model-dir the embedded default pair is used "
-        "(SmolLM2-135M-Instruct and the project's distilled draft).",
+        "(SmolLM2-135M-Instruct and the project's distilled draft: the feature-conditioned one unless "
+        "--draft-kind standalone).",
     )
     parser.add_argument("prompt", help="the user message (wrapped in the target's chat template unless --raw)")
     parser.add_argument("--backend", choices=BACKENDS, default="pytorch", help="runtime of both models (default: pytorch)")
     parser.add_argument("--model-dir", help="an exported pair (`hf-specdec export --out DIR`) for onnxruntime/tensorrt")
     parser.add_argument("--target", help="target model: HF id or directory (pytorch backend)")
     parser.add_argument("--draft", help="draft model: HF id or directory (pytorch backend; default: the embedded draft)")
+    parser.add_argument("--draft-kind", choices=("feature", "standalone"), default="feature",
+                        help="which embedded draft (without --target): feature-conditioned (reads the target's hidden "
+                        "states) or standalone")
     parser.add_argument(
         "--config", default="auto",
         help="speculative config, e.g. rsd-s:w=4,d=5, rsd-c:b=3-2-2, sd:l=4, ar (default: auto, the planner's choice; "
@@ -45,7 +49,7 @@ def load_models(args):
             raise SystemExit("--draft needs --target (the embedded draft belongs to the embedded target)")
         from hf_specdec import models
 
-        return models.load_default_pair()
+        return models.load_default_pair(draft_kind=args.draft_kind)
     target = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     draft = AutoModelForCausalLM.from_pretrained(args.draft, attn_implementation="sdpa").eval() if args.draft else None

@@ -56,16 +56,29 @@ def choose_config(target_model, draft_model, batch_size: int, context_length: in
     if acceptance is CONSERVATIVE_DEFAULT and ranked and ranked[0].speedup >= EXPLORE_ABOVE:
         # nothing measured for this pair yet: run the most promising tree once so that its statistics get recorded
         # (choosing `ar` here would never learn the pair's acceptance)
-        logger.info("hf_specdec planner: no statistics for this pair yet; exploring with %s", ranked[0].config)
-        return ranked[0].config
+        config = dynamic(ranked[0])
+        logger.info("hf_specdec planner: no statistics for this pair yet; exploring with %s", config)
+        return config
     if not ranked or ranked[0].speedup <= 1.0:
         logger.info("hf_specdec planner: no tree shape beats plain decoding at batch %d (best %s); using ar",
                     batch_size, f"{ranked[0].config} at {ranked[0].speedup:.2f}x" if ranked else "none")
         return SpeculativeConfig.ar()
     best = ranked[0]
+    config = dynamic(best)
     logger.info("hf_specdec planner: %s at batch %d, context %d: predicted %.2fx (block efficiency %.2f, %s)",
-                best.config, batch_size, context_length, best.speedup, best.block_efficiency, acceptance.description)
-    return best.config
+                config, batch_size, context_length, best.speedup, best.block_efficiency, acceptance.description)
+    return config
+
+
+def dynamic(estimate) -> SpeculativeConfig:
+    """The estimate's tree grown dynamically, with the planner's threshold (`planning.growth_threshold`)."""
+    import dataclasses
+
+    from hf_specdec.planner.planning import growth_threshold
+
+    if estimate.config.depth <= 1:
+        return estimate.config
+    return dataclasses.replace(estimate.config, min_path_q=round(growth_threshold(estimate), 3))
 
 
 def record_acceptance(target_model, draft_model, config, block_efficiency: float, num_steps: int,

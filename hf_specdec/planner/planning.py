@@ -88,6 +88,24 @@ def estimate_candidates(target: LatencyModel, batch: int, context: int, candidat
     return estimate(target, batch, context, candidates, block_efficiency, config, draft)
 
 
+# bounds of the growth threshold `growth_threshold` sets
+MIN_GROWTH_Q, MAX_GROWTH_Q = 0.01, 0.5
+
+
+def growth_threshold(estimate: StepEstimate) -> float:
+    """The path probability below which a node of this tree is not worth growing (a dynamic tree's q).
+
+    A node the draft reaches with probability pi adds about pi accepted tokens (a calibrated draft) and costs c, its
+    share of the step's extra work over plain decoding (c = (step - one-token forward) / tree size, relative to the
+    one-token forward). Growing it raises the speedup S = BE / C iff (BE + pi) / (C + c) > S, i.e. pi > c S: on a CPU,
+    where each scored token costs, q is large; on a GPU at small batch, where the tree is nearly free, it is small."""
+    size = estimate.candidates - 1
+    if size <= 0:
+        return 0.0
+    node_cost = max(estimate.seconds - estimate.baseline_seconds, 0.0) / size / estimate.baseline_seconds
+    return min(max(node_cost * estimate.speedup, MIN_GROWTH_Q), MAX_GROWTH_Q)
+
+
 def rank(target: LatencyModel, batch: int, context: int, acceptance: AcceptanceModel,
          draft: LatencyModel | None = None, candidates: list[SpeculativeConfig] | None = None) -> list[StepEstimate]:
     """Every candidate shape's estimate, best predicted speedup first."""
