@@ -181,9 +181,12 @@ class DraftInputs:
         reads = bool(getattr(draft, "reads_features", False))
         return cls(reads, config.depth + 1 if reads else 2)
 
-    def unkept_accepted(self, num_accepted: int, levels_run: int) -> int:
-        """Accepted nodes whose draft K/V is not kept (they become pending inputs)."""
-        return num_accepted if self.reads_features else max(num_accepted - levels_run, 0)
+    def unkept_accepted(self, num_accepted, levels_run: int):
+        """Accepted nodes whose draft K/V is not kept (they become pending inputs); per row, as ints or a tensor."""
+        if self.reads_features:
+            return num_accepted
+        unkept = num_accepted - levels_run
+        return unkept.clamp(min=0) if isinstance(unkept, torch.Tensor) else max(unkept, 0)
 
 
 def gather_nodes(values: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
@@ -452,7 +455,8 @@ class SpeculativeDecoder:
             positions = (state.root_positions[:, None] + level).expand_as(new_nodes)
             slots = layout.append(new_valid, positions, new_nodes)
             mask = layout.mask(slots, tree.ancestors)
-            parent_features = None if node_features is None else gather_nodes(node_features, tree.parents.gather(1, new_nodes).clamp(min=0))
+            parents = tree.parents.gather(1, new_nodes).clamp(min=0)
+            parent_features = None if node_features is None else gather_nodes(node_features, parents)
             logits, features = self.draft.forward(tree.tokens.gather(1, new_nodes), positions, mask, layout.positions,
                                                   features=parent_features)
             out.stats.draft_calls += 1
@@ -599,7 +603,7 @@ class SpeculativeDecoder:
         # pending slot k holds new token j = n - (K - 1) + k: valid from the first unkept accepted node on
         width = inputs.width
         index = num_accepted[:, None] - (width - 1) + torch.arange(width, device=accepted.device)
-        num_unkept = num_accepted if inputs.reads_features else (num_accepted - draft.levels_run).clamp(min=0)
+        num_unkept = inputs.unkept_accepted(num_accepted, draft.levels_run)
         state.draft_pending = new_tokens.gather(1, index.clamp(min=0))
         state.draft_pending_valid = index >= (num_accepted - num_unkept)[:, None]
         if inputs.reads_features:
