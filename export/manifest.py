@@ -24,6 +24,13 @@ input, `features` [batch, new, hidden] (the target's feature before each token),
 prediction of the target's feature at each token). Their entries record `hidden_size`; entries of graphs without
 feature I/O have no `hidden_size` key, so standalone exports read and write as before, and an older hf-specdec refuses
 a feature export (an unknown field) rather than failing on an input it cannot feed.
+
+Quantization (`hf-specdec export --quantize int4|int8`, `hf_specdec.export.quantize`): an entry whose graph holds
+block-quantized weights (ONNX Runtime's `com.microsoft.MatMulNBits`) records `quantization`: the scheme (weights,
+block_size, head), where the weights came from (`source`: "rtn" or "gguf:Q4_1", ...; `head_source`), the op and its
+accuracy_level, how many weight products were quantized or left in float, the GGUF file used, and the `parity`
+measured at export against the float model (max logit difference, top-1 agreement, on fixed inputs). Float exports
+have no `quantization` key (their manifests are as before); an older hf-specdec refuses a quantized export.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ MASK_INPUTS = {"full_attention": "attention_mask", "sliding_attention": "sliding
 FEATURES_INPUT = "features"  # a feature draft's input: the target's feature before each new token
 HIDDEN_STATES_OUTPUT = "hidden_states"  # the LM-head input of every new token (a feature draft's: its prediction)
 # the optional keys of an entry, absent from manifest.json where they are None (what earlier versions wrote)
-OPTIONAL_ENTRY_KEYS = ("sliding_window", "hidden_size")
+OPTIONAL_ENTRY_KEYS = ("sliding_window", "hidden_size", "quantization")
 
 
 class ManifestError(ValueError):
@@ -80,6 +87,12 @@ class ModelEntry:
     outputs: list[TensorSpec]
     sliding_window: int | None = None  # window of the sliding-window layers (input `sliding_attention_mask`)
     hidden_size: int | None = None  # width of the feature I/O (`features`, `hidden_states`); None: the graph has none
+    quantization: dict | None = None  # block-quantized weights (`hf_specdec.export.quantize`); None: float weights
+
+    @property
+    def quantized(self) -> bool:
+        """The graph multiplies block-quantized weights (`com.microsoft.MatMulNBits`: ONNX Runtime only)."""
+        return self.quantization is not None
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelEntry":

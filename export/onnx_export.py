@@ -31,11 +31,18 @@ last hidden state, recorded by a hook on `model.get_decoder()` as the PyTorch ba
 `logits_index` keeps for the head), and the draft graph takes `features` [batch, new, hidden] (the target's feature
 before each token) and returns its own `hidden_states` (its prediction of the target's feature at each token). A pair
 with a standalone draft exports exactly the graphs and manifest it exported before.
+
+Quantized exports (`export_pair(..., quantization=QuantizationSpec(...))`, `hf-specdec export --quantize int4`): each
+graph is traced in float exactly as above, then rewritten by `hf_specdec.export.quantize` (every weight product of the
+decoder layers block-quantized and run by ONNX Runtime's `com.microsoft.MatMulNBits`, the LM head by its own scheme;
+the target's weights from its GGUF's own blocks where given and exact), and the manifest entry records the scheme and
+the parity measured against the float model. Without `quantization` nothing changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.metadata
 import warnings
 from pathlib import Path
@@ -423,9 +430,11 @@ def export_pair(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     max_past: int | None = None,
     speculative_config: str = DEFAULT_SPECULATIVE_CONFIG,
+    quantization=None,
 ) -> Manifest:
     """Write target.onnx, draft.onnx, the tokenizer files, generation_config.json and manifest.json into `out_dir`.
-    `max_past` defaults to the target's max_position_embeddings."""
+    `max_past` defaults to the target's max_position_embeddings. `quantization`: a
+    `hf_specdec.export.quantize.QuantizationSpec` for block-quantized graphs (None: float graphs)."""
     out_dir = Path(out_dir)
     target_vocab, draft_vocab = model_shape(target)["vocab_size"], model_shape(draft)["vocab_size"]
     if target_vocab != draft_vocab:
@@ -456,6 +465,9 @@ def export_pair(
     entries = {role: export_model(model, out_dir / f"{role}.onnx", role, sources[role], checked=True,
                                   emits_features=feature_pair and role == "target")
                for role, model in models.items()}
+    if quantization is not None:
+        entries = {role: quantize_model(entry, out_dir, models[role], role, quantization)
+                   for role, entry in entries.items()}
     saved = [Path(p) for p in tokenizer.save_pretrained(str(out_dir))]
     target.generation_config.save_pretrained(str(out_dir))
     pad = target.generation_config.pad_token_id
@@ -477,5 +489,46 @@ def export_pair(
             "versions": {p: importlib.metadata.version(p) for p in ("torch", "transformers", "onnx", "onnxscript")},
         },
     )
+    if quantization is not None:
+        manifest.export["quantization"] = dataclasses.asdict(quantization)
+        manifest.export["versions"]["onnxruntime"] = importlib.metadata.version("onnxruntime")
+    manifest.save(out_dir)
+    if quantization is not None:
+        manifest = record_parity(manifest, models, out_dir)
+    return manifest
+
+
+def quantize_model(entry: ModelEntry, out_dir: Path, model, role: str, spec) -> ModelEntry:
+    """The exported float graph of `model` rewritten with block-quantized weights (`quantize.quantize_onnx_file`); the
+    GGUF's blocks are used for the target only (the file it was converted from)."""
+    from hf_specdec.export.quantize import GgufWeights, parameter_names, quantize_onnx_file
+
+    gguf = None
+    if spec.gguf is not None and role == "target":
+        gguf = GgufWeights(spec.gguf, model.config.get_text_config())
+    record = quantize_onnx_file(out_dir / entry.file, spec, parameter_names(model), gguf)
+    if gguf is not None and "gguf:" not in f"{record['source']} {record['head_source']}":
+        raise ValueError(
+            f"none of the tensors of {spec.gguf} holds a weight of the target ({type(model).__name__}) in a block type "
+            "MatMulNBits can represent (Q4_0, Q4_1, Q8_0) with the same values: it is not the GGUF the target was "
+            "converted from; pass that file with --gguf, or --gguf none to quantize the float weights"
+        )
+    if record["quantized_matmuls"] == 0:
+        raise ValueError(f"the {role} graph has no product by a constant 2-D weight to quantize ({type(model).__name__})")
+    return dataclasses.replace(entry, quantization=record)
+
+
+def record_parity(manifest: Manifest, models: dict, out_dir: Path) -> Manifest:
+    """Each quantized graph on ONNX Runtime against its float model (`quantize.measure_parity`), in the manifest."""
+    from hf_specdec.backends.hf import HFBackend
+    from hf_specdec.export.ort_backend import OrtBackend
+    from hf_specdec.export.quantize import measure_parity
+
+    entries = {}
+    for role, model in models.items():
+        entry = manifest.entry(role)
+        parity = measure_parity(HFBackend(model, role), OrtBackend(out_dir, role, manifest, "cpu"), entry.vocab_size)
+        entries[role] = dataclasses.replace(entry, quantization={**entry.quantization, "parity": parity})
+    manifest = dataclasses.replace(manifest, **entries)
     manifest.save(out_dir)
     return manifest

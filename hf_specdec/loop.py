@@ -470,15 +470,21 @@ class SpeculativeDecoder:
     def _draft_log_probs(self, state, out, logits: torch.Tensor, tree: DraftTree, nodes: torch.Tensor,
                          first: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """log q at `nodes` [B, n] (one level: nodes first .. first + n - 1): the draft's logits through the same
-        processors as the target; sampling drafters record q in the tree for the verifier. When a top-k warper
-        bounds q's support, sampling works on that support only: returns compact log q [B, n, C] and its token ids
-        [B, n, C] (`compact_log_probs`, or, when the processors allow, `NodeScorer.on_top_logits`: processed on the
-        C highest logits only), else dense log q [B, n, V] and None."""
+        processors as the target; sampling drafters record q in the tree for the verifier. Where q's support is
+        known to be small, drafting works on it only and this returns compact log q [B, n, C] with its token ids
+        [B, n, C]: under a top-k warper (`compact_log_probs`, or, when the processors allow,
+        `NodeScorer.on_top_logits`: processed on the C highest logits only), or on a reduced-vocabulary draft's kept
+        tokens (`NodeScorer.on_entries`). Else dense log q [B, n, V] and None."""
         vocab = self.target.vocab_size
         if logits.shape[-1] != vocab:
             raise ValueError(f"draft logits have {logits.shape[-1]} entries, the target's vocabulary {vocab}")
         capacity = None if tree.draft_probs is None else self.scorer.support_capacity(vocab)  # None: greedy, no top-k
         top = None if capacity is None else self.scorer.on_top_logits(logits, state.rows, capacity)
+        support = getattr(self.draft, "logit_support", None)
+        if top is None and support is not None and (capacity is None or capacity > len(support)):
+            scores = self.scorer.on_entries(logits[..., support], state.rows)
+            if scores is not None:
+                top = scores, support.expand(*scores.shape)
         if top is not None:
             scores, token_ids = top
             logq = scores.log_softmax(-1)

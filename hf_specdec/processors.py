@@ -121,6 +121,22 @@ class NodeScorer:
         dummy_ids = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=logits.device)
         return self._apply(dummy_ids, flat, row_ids[rows]).view(batch, width, -1), token_ids
 
+    def on_entries(self, logits: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor | None:
+        """The processed scores of logits [B, n, C] that are a model's whole support (its logits elsewhere are -inf,
+        e.g. a reduced-vocabulary draft's kept tokens), processed on those entries only; None where the processors
+        do not allow it. They do when all are `VALUE_ONLY`: -inf entries stay -inf and weigh nothing in their
+        softmax, top-k or top-p, so the scores on the support are those of the whole vocabulary (ties at a top-k or
+        top-p threshold may be broken otherwise: for the draft's q, whose exactness needs no more than recording
+        what it samples from)."""
+        if not all(isinstance(p, VALUE_ONLY) for p in self.processors):
+            return None
+        batch, width, entries = logits.shape
+        if not self.processors:
+            return logits
+        rows = torch.arange(batch, device=logits.device).repeat_interleave(width)
+        dummy_ids = torch.zeros(batch * width, 1, dtype=torch.long, device=logits.device)
+        return self._apply(dummy_ids, logits.reshape(batch * width, entries), row_ids[rows]).view(batch, width, entries)
+
     def _apply(self, input_ids: torch.Tensor, scores: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         for processor in self.processors:
             scores = for_rows(processor, row_ids)(input_ids, scores)

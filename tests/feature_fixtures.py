@@ -71,15 +71,16 @@ def predictable_target(family: str, attn_implementation: str = "sdpa", boost: fl
     return target
 
 
-def feature_draft_for(target, seed: int = 0) -> FeatureDraftForCausalLM:
+def feature_draft_for(target, seed: int = 0, kept_token_ids: list[int] | None = None) -> FeatureDraftForCausalLM:
     """A feature draft for a `predictable_target`: the fusion passes the token embedding through (plus small random
     weights on the embedding and on the target's feature), a layer whose output is damped to a tenth, and the target's
-    head rows: q is close to the target's own next-token distribution given the current token, and its layer, cache
-    and feature inputs still take part in every forward."""
-    draft = tiny_feature_draft(target, seed)
+    head rows (of `kept_token_ids` only: a reduced vocabulary, as the shipped drafts have): q is close to the target's
+    own next-token distribution given the current token, and its layer, cache and feature inputs still take part in
+    every forward."""
+    draft = tiny_feature_draft(target, seed, kept_token_ids=kept_token_ids)
     hidden = target.config.get_text_config().hidden_size
     with torch.no_grad():
-        draft.model.embed_tokens.kept.weight.copy_(target.get_input_embeddings().weight)
+        draft.model.embed_tokens.kept.weight.copy_(target.get_input_embeddings().weight[draft.config.kept_token_ids])
         draft.model.fuse.weight.mul_(0.1)
         draft.model.fuse.weight[:, :hidden] += torch.eye(hidden)
         draft.model.layers[0].self_attn.o_proj.weight.mul_(0.1)
@@ -87,11 +88,12 @@ def feature_draft_for(target, seed: int = 0) -> FeatureDraftForCausalLM:
     return draft
 
 
-def exact_feature_pair(vocab_size: int = 96, seed: int = 0):
+def exact_feature_pair(vocab_size: int = 96, seed: int = 0, kept_token_ids: list[int] | None = None):
     """(target, draft): a one-layer Llama and a feature draft that computes exactly the target's distribution: its
     fusion passes the token embedding through, and its layer, norm and head are the target's. So q = p at every node,
     and every step must accept the whole path: a wrong position, mask or cache slot in the draft's bookkeeping shows
-    as a rejection."""
+    as a rejection. With `kept_token_ids` the draft scores only those tokens (q = 0 on the others, which it embeds
+    with its own low-rank table): exact no more, but close."""
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -99,9 +101,9 @@ def exact_feature_pair(vocab_size: int = 96, seed: int = 0):
                          eos_token_id=2)
     target = LlamaForCausalLM(config).eval()
     target.generation_config.eos_token_id = None
-    draft = tiny_feature_draft(target)
+    draft = tiny_feature_draft(target, kept_token_ids=kept_token_ids)
     with torch.no_grad():
-        draft.model.embed_tokens.kept.weight.copy_(target.model.embed_tokens.weight)
+        draft.model.embed_tokens.kept.weight.copy_(target.model.embed_tokens.weight[draft.config.kept_token_ids])
         draft.model.fuse.weight.zero_()
         draft.model.fuse.bias.zero_()
         draft.model.fuse.weight[:, : config.hidden_size] = torch.eye(config.hidden_size)

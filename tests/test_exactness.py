@@ -38,13 +38,14 @@ def pairs():
     """draft name -> (target, draft)."""
     target = tiny_model("llama", vocab_size=VOCAB, seed=0, scale=0.6)  # peaky distributions
     target.generation_config.eos_token_id = None  # every row generates exactly 3 tokens
-    feature_target, exact_draft = exact_feature_pair(VOCAB)
+    # q = 0 on three tokens (a reduced vocabulary: drafting runs on the kept tokens only)
+    feature_target, exact_draft = exact_feature_pair(VOCAB, kept_token_ids=[0, 1, 2, 3, 5, 6, 8, 9, 11])
     return {
         # close to the target: long accepted paths (block efficiency ~2 at depth 3) and still many rejections
         "near": (target, perturbed_copy(target, noise=0.1)),
         # unrelated: mostly rejections, and under top-k, q = 0 where p > 0 and the other way round
         "far": (target, tiny_model("llama", vocab_size=VOCAB, seed=1, scale=0.6)),
-        # a feature draft that nearly reproduces its one-layer target: long paths, some rejections
+        # a feature draft that nearly reproduces its one-layer target on its 9 tokens: long paths, some rejections
         "feature": (feature_target, perturbed_copy(exact_draft, noise=0.15)),
     }
 

@@ -89,6 +89,32 @@ def test_the_draft_reads_the_targets_features_of_the_token_before(monkeypatch, c
     assert checked and max(checked) > 1, "some step should have accepted draft tokens"
 
 
+@pytest.mark.parametrize("config", ["sd:l=4", "spectr:k=3,l=3", "rsd-c:b=2-2-1", "rsd-s:w=3,d=4"])
+def test_a_reduced_vocabulary_draft_keeps_greedy_output(config):
+    """Drafting on the draft's kept tokens only (its logits are -inf elsewhere): the same output as plain generate,
+    and tokens outside the kept ones never drafted."""
+    target = predictable_target("qwen2")
+    target.generation_config.eos_token_id = None
+    kept = [t for t in range(96) if t % 5 != 4]
+    draft = feature_draft_for(target, kept_token_ids=kept)
+    inputs = prompts(3)
+    drafted = []
+    original = SpeculativeDecoder._draft
+
+    def recorded(self, state, out, tree, depth):
+        step = original(self, state, out, tree, depth)
+        drafted.append(tree.tokens[:, 1 : tree.size][tree.valid[:, 1 : tree.size]])
+        return step
+
+    reference = target.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SpeculativeDecoder, "_draft", recorded)
+        out = speculative(target, draft, inputs, config, False)
+    assert torch.equal(out.sequences, reference)
+    assert out.speculative_stats.block_efficiency > 1.2
+    assert set(torch.cat(drafted).tolist()) <= set(kept)
+
+
 def test_lm_head_inputs_are_what_the_head_reads():
     target = tiny_model("llama", vocab_size=96)
     tokens = torch.randint(3, 96, (12,))

@@ -283,6 +283,29 @@ def test_on_top_logits_processes_as_the_whole_vocabulary():
     assert NodeScorer(lp.LogitsProcessorList([lp.TopPLogitsWarper(0.9)])).support_capacity(4096) is None
 
 
+def test_on_entries_processes_a_reduced_vocabulary_as_the_whole():
+    """A reduced-vocabulary draft's logits are -inf outside its kept tokens: value-only processors (temperature,
+    top-k, top-p, min-p) on the kept entries alone give the scores they give on the whole vocabulary there (top-p
+    gets logits without ties, which it may break otherwise); processors that read token ids or prefixes refuse."""
+    from transformers.generation import logits_process as lp
+
+    from hf_specdec.processors import NodeScorer
+
+    generator = torch.Generator().manual_seed(7)
+    kept = torch.randperm(4096, generator=generator)[:512]
+    logits = torch.full((3, 4, 4096), float("-inf"))
+    logits[..., kept] = torch.randn(3, 4, 512, generator=generator) * 4
+    rows = torch.arange(3)
+    for processors in ([], [lp.TemperatureLogitsWarper(0.7)], [lp.TopKLogitsWarper(50)],
+                       [lp.TemperatureLogitsWarper(0.7), lp.TopPLogitsWarper(0.9)],
+                       [lp.MinPLogitsWarper(0.1), lp.TopKLogitsWarper(20)]):
+        scorer = NodeScorer(lp.LogitsProcessorList(processors))
+        dense = scorer(logits, None, None, rows, [0, 0, 0], [0] * 4)
+        assert torch.equal(scorer.on_entries(logits[..., kept], rows), dense[..., kept])
+    for processors in ([lp.RepetitionPenaltyLogitsProcessor(1.2)], [lp.SuppressTokensLogitsProcessor([5])]):
+        assert NodeScorer(lp.LogitsProcessorList(processors)).on_entries(logits[..., kept], rows) is None
+
+
 def test_top_entries_is_a_top_k():
     from hf_specdec.processors import top_entries
 

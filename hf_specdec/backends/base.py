@@ -26,6 +26,7 @@ class ModelBackend(Protocol):
     vocab_size: int
     hidden_size: int
     reads_features: bool  # a feature-conditioned draft: prefill and forward take `features`
+    logit_support: torch.Tensor | None  # [C] the only tokens with finite logits (a reduced-vocabulary draft), or None
 
     def reset(self, batch_size: int, prompt_lengths: torch.Tensor) -> None:
         """Start an empty cache for `batch_size` rows; `prompt_lengths` [B]: real (unpadded) prompt tokens per row."""

@@ -87,6 +87,8 @@ class HFBackend:
         self.vocab_size = model.config.get_text_config().vocab_size
         self.hidden_size = model.config.get_text_config().hidden_size
         self.reads_features = reads_target_features(model)
+        # a reduced-vocabulary model scores only these tokens (its logits are -inf elsewhere)
+        self.logit_support = getattr(model.get_output_embeddings(), "kept_token_ids", None)
         self.windows = sliding_windows(model.config.get_text_config())
         layer_types = getattr(model.config.get_text_config(), "layer_types", None)
         # a dict of masks only where the model mixes layer types (Mistral-style models take a single tensor)
