@@ -80,6 +80,8 @@ class Record:
     draft_calls: int
     backend: str = "pytorch"
     draft: str = ""
+    step_ms: float = float("nan")  # measured: decoding time per target call (our loop; HF's: per forward)
+    predicted_step_ms: float = float("nan")  # the planner's prediction, made before the setting ran
     log_likelihoods: list[float] = field(default_factory=list, repr=False)  # per prompt, mean per token
 
     def as_json(self) -> dict:
@@ -172,8 +174,11 @@ class Bench:
     onnxruntime settings."""
 
     def __init__(self, target, drafts: dict, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0,
-                 exported=None):
+                 exported=None, predict: bool = True):
+        """`predict`: ask the planner for each speculative setting's step time first (it calibrates each model on
+        first use, about a minute for SmolLM2-135M)."""
         self.target, self.drafts, self.tokenizer, self.exported = target, drafts, tokenizer, exported
+        self.predict = predict
         self.prompt_ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in prompts]
         self.max_new_tokens, self.seed = max_new_tokens, seed
         self.cost_ratios = {name: parameter_count(draft) / parameter_count(target) for name, draft in drafts.items()}
@@ -222,8 +227,20 @@ class Bench:
     def warm_up(self, setting: Setting) -> None:
         self._generate(setting, self.prompt_ids[0], max_new_tokens=4)
 
+    def predicted_step_ms(self, setting: Setting) -> float:
+        """The planner's step prediction for a speculative PyTorch setting (NaN for the others)."""
+        if not self.predict or setting.backend != "pytorch" or setting.method not in ("sd", "spectr", "rsd-c", "rsd-s"):
+            return float("nan")
+        from hf_specdec.planner import predict_step_seconds
+
+        context = int(sum(len(ids[0]) for ids in self.prompt_ids) / len(self.prompt_ids)) + self.max_new_tokens // 2
+        return 1e3 * predict_step_seconds(self.target, self.drafts[setting.draft], SpeculativeConfig.parse(setting.config),
+                                          1, context)
+
     def run(self, setting: Setting, progress=None) -> Record:
+        predicted = self.predicted_step_ms(setting)
         tokens, seconds, target_calls, draft_calls = 0, 0.0, 0, 0
+        decode_seconds = 0.0
         log_likelihoods = []
         draft = self.drafts.get(setting.draft)  # None for plain decoding
         for index, input_ids in enumerate(self.prompt_ids):
@@ -237,6 +254,7 @@ class Bench:
             # prefill (their first forward over the prompt already yields tokens)
             target_calls += stats.target_calls if stats is not None else target_counter.calls
             draft_calls += stats.draft_calls if stats is not None else draft_counter.calls
+            decode_seconds += (stats.time_total - stats.time_prefill) if stats is not None else float("nan")
             log_likelihoods.append(mean_log_likelihood(self.target, input_ids[0], sequence[0]))
             if progress is not None:
                 progress.update(1)
@@ -261,6 +279,8 @@ class Bench:
             seconds=seconds,
             target_calls=target_calls,
             draft_calls=draft_calls,
+            step_ms=1e3 * decode_seconds / max(target_calls, 1),
+            predicted_step_ms=predicted,
             log_likelihoods=log_likelihoods,
         )
 

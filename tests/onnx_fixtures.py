@@ -6,6 +6,7 @@ import fcntl
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from feature_fixtures import feature_draft_for, predictable_target
 from tiny_models import perturbed_copy, tiny_model, word_tokenizer
@@ -117,3 +118,84 @@ def export_feature_pair(tmp_path_factory, family: str) -> Path:
         assert cli_main(arguments) == 0
 
     return export_once(tmp_path_factory, f"feature-{family}", export_with_cli if family == "gpt2" else export_with_api)
+
+
+def export_quantized_pair(tmp_path_factory, name: str, target, draft, tokenizer, quantization, **options) -> Path:
+    """`target` and `draft` exported with block-quantized weights (`quantization`: a
+    `hf_specdec.export.quantize.QuantizationSpec`), once per test run."""
+
+    def export(out: Path) -> None:
+        export_pair(target, draft, tokenizer, out, {"target": f"{name} target", "draft": f"{name} draft"},
+                    quantization=quantization, **options)
+
+    return export_once(tmp_path_factory, f"quantized-{name}", export)
+
+
+def llama_cpp_permute(weights, heads: int):
+    """llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute): the rows of each of `heads` q or k heads
+    interleaved for its rotary layout."""
+    return weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+
+
+# transformers parameter name pattern -> llama.cpp tensor name
+LLAMA_CPP_NAMES = {
+    r"model\.embed_tokens\.weight": "token_embd.weight",
+    r"model\.norm\.weight": "output_norm.weight",
+    r"lm_head\.weight": "output.weight",
+    r"model\.layers\.(\d+)\.input_layernorm\.weight": r"blk.\1.attn_norm.weight",
+    r"model\.layers\.(\d+)\.post_attention_layernorm\.weight": r"blk.\1.ffn_norm.weight",
+    r"model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.weight": r"blk.\1.attn_\2.weight",
+    r"model\.layers\.(\d+)\.self_attn\.o_proj\.weight": r"blk.\1.attn_output.weight",
+    r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight": r"blk.\1.ffn_\2.weight",
+}
+
+
+def write_llama_gguf(model, path: Path, linear_type: str = "Q4_1", embedding_type: str = "Q8_0"):
+    """Write a Llama `model` as llama.cpp's converter would (q/k rows permuted; linears in `linear_type` blocks, the
+    embedding in `embedding_type`, norms F32; a tied head stored once, as the embedding), then load the file's
+    dequantized values back into `model` the way transformers' GGUF loader does (q/k rows un-permuted by its own
+    code). Returns `model`, now holding exactly the weights of the GGUF."""
+    import re
+
+    import gguf
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    unpermute = LlamaTensorProcessor(config={"num_attention_heads": heads, "num_key_value_heads": kv_heads})
+    tied = config.tie_word_embeddings
+    loaded = {}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and tied:
+            continue
+        gguf_name = next(re.sub(f"^{p}$", r, name) for p, r in LLAMA_CPP_NAMES.items() if re.match(f"^{p}$", name))
+        weights = tensor.detach().numpy().astype(np.float32)
+        if "norm" in name:
+            writer.add_tensor(gguf_name, weights)
+            continue
+        q_or_k = re.search(r"\.attn_([qk])\.", gguf_name)
+        if q_or_k:
+            weights = llama_cpp_permute(weights, heads if q_or_k[1] == "q" else kv_heads)
+        qtype = gguf.GGMLQuantizationType[embedding_type if "token_embd" in gguf_name else linear_type]
+        raw = gguf.quants.quantize(np.ascontiguousarray(weights), qtype)
+        writer.add_tensor(gguf_name, raw, raw_dtype=qtype)
+        values = gguf.quants.dequantize(raw, qtype)
+        if q_or_k:
+            values = unpermute._reverse_permute_weights(values, heads, kv_heads if q_or_k[1] == "k" else heads)
+        loaded[name] = torch.from_numpy(np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in loaded:
+                parameter.copy_(loaded[name])
+    return model

@@ -20,7 +20,7 @@ def records():
     target = tiny_model("llama", vocab_size=96, scale=0.3)
     target.generation_config.eos_token_id = None
     drafts = {"feature": tiny_feature_draft(target), "standalone": perturbed_copy(target, noise=0.05)}
-    bench = Bench(target, drafts, character_tokenizer(), ["abc", "hello world"], max_new_tokens=12)
+    bench = Bench(target, drafts, character_tokenizer(), ["abc", "hello world"], max_new_tokens=12, predict=False)
     settings = settings_for(["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s"], [6, 10], [1.0, 0.0],
                             drafts=["feature", "standalone"], assistant="standalone")
     out = [bench.run(setting) for setting in settings]
@@ -58,6 +58,16 @@ def test_outputs(records, tmp_path):
     plot_grid(records, tmp_path / "bench.png")
     assert (tmp_path / "bench.png").stat().st_size > 10_000
     assert "rsd-s:w=2,d=3" in format_table(records)
+
+
+def test_the_planner_predicts_each_speculative_step_before_it_runs():
+    target = tiny_model("llama", vocab_size=96, scale=0.3)
+    draft = perturbed_copy(target, noise=0.05)
+    bench = Bench(target, {"draft": draft}, character_tokenizer(), ["abc"], max_new_tokens=8)
+    speculative, plain = settings_for(["rsd-s", "ar"], [6], [0.0])
+    record = bench.run(speculative)
+    assert record.predicted_step_ms > 0 and record.step_ms > 0
+    assert math.isnan(bench.run(plain).predicted_step_ms)
 
 
 def test_budget_shapes():

@@ -64,7 +64,7 @@ def add_parser(subparsers) -> None:
 
 
 COLUMNS = ("backend", "method", "draft", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s",
-           "speedup", "accuracy")
+           "speedup", "accuracy", "step_ms", "predicted_step_ms")
 
 
 def format_table(records) -> str:
@@ -72,6 +72,7 @@ def format_table(records) -> str:
     for r in records:
         rows.append((r.backend, r.method, r.draft or "-", r.config, str(r.budget), f"{r.temperature:g}", f"{r.block_efficiency:.2f}",
                      f"{r.mbsu:.2f}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x", f"{r.accuracy:.3f}",
+                     f"{r.step_ms:.1f}", f"{r.predicted_step_ms:.1f}",
                      f"[{r.accuracy_ci[0]:.3f}, {r.accuracy_ci[1]:.3f}]"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)

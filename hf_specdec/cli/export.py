@@ -1,5 +1,6 @@
 """`hf-specdec export`: the target and draft as ONNX files with a manifest, for `generate --backend onnxruntime`, and
-with --tensorrt their TensorRT engines, for `generate --backend tensorrt`."""
+with --tensorrt their TensorRT engines, for `generate --backend tensorrt`. With --quantize int4|int8 the graphs hold
+block-quantized weights for ONNX Runtime's MatMulNBits (`hf_specdec.export.quantize`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ import argparse
 import sys
 
 from hf_specdec.export.manifest import DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SPECULATIVE_CONFIG
+
+# the choices of --quantize, --quantize-head, --accuracy-level (`hf_specdec.export.quantize`, which imports onnx)
+WEIGHT_SCHEMES = ("none", "int8", "int4")
+HEAD_SCHEMES = ("int8", "int4", "none")
+DEFAULT_HEAD = "int8"
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+DEFAULT_ACCURACY_LEVEL = 4
 
 
 def add_parser(subparsers) -> None:
@@ -17,7 +25,11 @@ def add_parser(subparsers) -> None:
         "data), the tokenizer files, generation_config.json and manifest.json. Without --target/--draft the embedded "
         "default pair is exported. A feature-conditioned draft (`hf-specdec distill --draft-type feature`) exports "
         "with its target: the target graph also returns its hidden states (output hidden_states), which the draft "
-        "graph reads (input features). Run it with `hf-specdec generate --backend onnxruntime --model-dir DIR PROMPT`.",
+        "graph reads (input features). Run it with `hf-specdec generate --backend onnxruntime --model-dir DIR PROMPT`. "
+        "--quantize int4 (or int8) stores every linear weight of both models in blocks of 32 along the input dimension "
+        "(ONNX Runtime's com.microsoft.MatMulNBits; the LM head by --quantize-head); the default target's weights "
+        "then come from its own Q4_1 GGUF blocks, the same weights llama.cpp multiplies. Speculative decoding on a "
+        "quantized export is exact with respect to the quantized target graph.",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--target", help="target model: HF id or directory (default: the embedded target)")
@@ -45,6 +57,28 @@ def add_parser(subparsers) -> None:
         help="TensorRT for RTX: a GPU generation to build for, e.g. SM89 (repeatable; default SM80 SM86 SM89 SM120)",
     )
     parser.add_argument(
+        "--quantize", choices=WEIGHT_SCHEMES, default="none",
+        help="block-quantize every linear weight of the decoder layers of target and draft (blocks of 32 along the "
+        "input dimension, com.microsoft.MatMulNBits: ONNX Runtime only, not with --tensorrt); default none: float "
+        "graphs as before",
+    )
+    parser.add_argument(
+        "--quantize-head", choices=HEAD_SCHEMES,
+        help=f"with --quantize: the LM head's scheme (default {DEFAULT_HEAD}; none keeps it in float)",
+    )
+    parser.add_argument(
+        "--gguf", metavar="PATH|none",
+        help="with --quantize: the target's GGUF file, whose Q4_0/Q4_1/Q8_0 blocks are used as they are wherever "
+        "they hold exactly the target's weights (others are quantized round-to-nearest); default: the packaged "
+        "Q4_1 GGUF for the embedded target, none for --target",
+    )
+    parser.add_argument(
+        "--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=DEFAULT_ACCURACY_LEVEL,
+        help=f"with --quantize: MatMulNBits' accuracy_level (default {DEFAULT_ACCURACY_LEVEL}: activations quantized to "
+        "int8 blocks, ONNX Runtime's fast CPU kernels, as llama.cpp does; 0: float activations, the weights' exact "
+        "products, 4-bit only: 8-bit weights then take ONNX Runtime's slow unpacked path)",
+    )
+    parser.add_argument(
         "--config", default=DEFAULT_SPECULATIVE_CONFIG,
         help=f"speculative config that `generate --config auto` runs on this export (default {DEFAULT_SPECULATIVE_CONFIG})",
     )
@@ -53,10 +87,20 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.engines_only and not args.tensorrt:
         raise SystemExit("--engines-only builds TensorRT engines: add --tensorrt")
+    if args.tensorrt and args.quantize != "none":
+        raise SystemExit("--quantize writes ONNX Runtime's com.microsoft.MatMulNBits, which TensorRT cannot parse: "
+                         "build TensorRT engines from a float export (without --quantize) in another --out DIR")
+    if args.quantize == "none" and (args.quantize_head is not None or args.gguf is not None):
+        raise SystemExit("--quantize-head and --gguf apply to a quantized export: add --quantize int4 (or int8)")
     if not args.engines_only:
         export_onnx(args)
     if args.tensorrt:
+        from hf_specdec.export.manifest import Manifest
         from hf_specdec.export.tensorrt_build import build_engines
+
+        if args.engines_only and any(Manifest.load(args.out).entry(r).quantized for r in ("target", "draft")):
+            raise SystemExit(f"{args.out} is a quantized export (com.microsoft.MatMulNBits, ONNX Runtime only): build "
+                             "TensorRT engines from a float export, `hf-specdec export --tensorrt --out OTHER_DIR`")
 
         record = build_engines(args.out, capabilities=args.compute_capability).tensorrt
         print(
@@ -73,15 +117,43 @@ def export_onnx(args: argparse.Namespace) -> None:
 
     if args.target is not None and args.draft is None:
         raise SystemExit("--target needs --draft: an export holds both models of the pair")
+    quantization = quantization_spec(args)
     target, draft, tokenizer = load_models(args)
     default_pair = "hf_specdec.models.load_default_pair()"
     sources = {"target": args.target or default_pair, "draft": args.draft or default_pair}
     manifest = export_pair(
         target, draft, tokenizer, args.out, sources,
         max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, max_past=args.max_past, speculative_config=args.config,
+        quantization=quantization,
     )
     print(
         f"exported {manifest.target.architecture} ({manifest.target.num_layers} layers) and "
         f"{manifest.draft.architecture} ({manifest.draft.num_layers} layers) to {args.out}; limits {manifest.max_dims}",
         file=sys.stderr,
     )
+    if quantization is not None:
+        from hf_specdec.export.quantize import describe
+
+        for role in ("target", "draft"):
+            print(f"{role}: {describe(manifest.entry(role).quantization)}", file=sys.stderr)
+
+
+def quantization_spec(args: argparse.Namespace):
+    """The `QuantizationSpec` of --quantize, --quantize-head, --gguf, --accuracy-level (None: a float export). The
+    GGUF defaults to the packaged one for the embedded target (the file it is converted from)."""
+    if args.quantize == "none":
+        return None
+    from pathlib import Path
+
+    from hf_specdec.export.quantize import QuantizationSpec
+
+    gguf = args.gguf
+    if gguf is None and args.target is None:
+        from hf_specdec import models
+
+        gguf = models._target_package_dir() / models.TARGET_GGUF_FILE
+    elif gguf is not None and gguf.lower() == "none":
+        gguf = None
+    if gguf is not None and not Path(gguf).is_file():
+        raise SystemExit(f"--gguf {gguf}: no such file")
+    return QuantizationSpec.from_options(args.quantize, args.quantize_head, gguf, args.accuracy_level)

@@ -16,8 +16,8 @@ from hf_specdec.planner.shapes import PRESETS, ModelShape, load_shape, shape_fro
 
 __all__ = [
     "BUILTIN", "FULL", "MEDUSA_G3", "OPERATOR_SETS", "PRESETS", "Hardware", "LatencyModel", "ModelShape",
-    "OperatorSet", "choose_config", "forward_costs", "load_hardware", "load_shape", "record_acceptance",
-    "shape_from_config",
+    "OperatorSet", "choose_config", "forward_costs", "load_hardware", "load_shape", "predict_step_seconds",
+    "record_acceptance", "shape_from_config",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,20 @@ def dynamic(estimate) -> SpeculativeConfig:
     if estimate.config.depth <= 1:
         return estimate.config
     return dataclasses.replace(estimate.config, min_path_q=round(growth_threshold(estimate), 3))
+
+
+def predict_step_seconds(target_model, draft_model, config: SpeculativeConfig, batch_size: int,
+                         context_length: int) -> float:
+    """The planner's prediction of one speculative step of `config` here: both models' calibrated forwards, corrected
+    by what steps measured here so far (`step_times.corrected`), as `auto` ranks shapes with it."""
+    from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT
+    from hf_specdec.planner.planning import estimate_config
+    from hf_specdec.planner.step_times import corrected, measured_step_times
+
+    shape = SpeculativeConfig.parse(config).largest_shape()
+    estimate = estimate_config(_latency_model(target_model), batch_size, context_length, shape, CONSERVATIVE_DEFAULT,
+                               _latency_model(draft_model))
+    return corrected([estimate], measured_step_times(target_model, draft_model, batch_size))[0].seconds
 
 
 def record_acceptance(target_model, draft_model, config, block_efficiency: float, num_steps: int,

@@ -1,0 +1,273 @@
+"""Block-quantized exports (`hf-specdec export --quantize int4`): the quantizer's round trip, GGUF blocks carried over
+exactly (MatMulNBits multiplies d q + m), and speculative decoding on the quantized graphs exact with respect to the
+quantized target graph itself (greedy identity with its own one-token decoding, sampled distribution)."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from onnx_fixtures import write_llama_gguf
+from scipy.stats import chi2
+from tiny_models import left_padded_prompts, perturbed_copy, tiny_model, word_tokenizer
+from transformers import GenerationConfig
+
+from hf_specdec.cli import export as export_cli
+from hf_specdec.cli import main as cli_main
+from hf_specdec.export import quantize
+from hf_specdec.export.ort_backend import OrtBackend, load_onnxruntime_pair
+from hf_specdec.export.quantize import QuantizationSpec
+from hf_specdec.generation import decode
+
+VOCAB = 12  # small enough to enumerate the first 3 generated tokens (the chi-square test)
+SAMPLES = 4000
+
+
+# ------------------------------------------------------------------------------------------------ block layouts
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("quantizer", ["onnxruntime", "numpy"])
+def test_rtn_round_trip_within_half_a_step(bits, quantizer):
+    rng = np.random.default_rng(bits)
+    weight = rng.standard_normal((80, 24)).astype(np.float32)  # K = 80: the last block padded
+    weight[:32, 0] = 0.0  # an all-zero block
+    weight[32:64, 1] += 5.0  # a block far from 0
+    blocks = quantize.rtn_quantize(weight, bits) if quantizer == "onnxruntime" else quantize.rtn_blocks(weight, bits)
+    assert blocks.packed.shape == (24, 3, 32 * bits // 8) and blocks.scales.shape == (24, 3)
+    error = np.abs(blocks.dequantize() - weight)
+    assert (error <= blocks.max_step() / 2 * (1 + 1e-5) + 1e-7).all()
+    assert (blocks.dequantize()[:32, 0] == 0).all()
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q8_0"])
+def test_gguf_blocks_are_the_gguf_weights_in_matmulnbits(type_name):
+    """The GGUF's blocks repacked for MatMulNBits dequantize to exactly gguf-py's values, and ONNX Runtime's
+    MatMulNBits (with the Q4_1 block-minimum correction) multiplies those values."""
+    rng = np.random.default_rng(0)
+    k, n = 96, 40
+    qtype = gguf.GGMLQuantizationType[type_name]
+    raw = gguf.quants.quantize(rng.standard_normal((n, k)).astype(np.float32), qtype)  # rows: output features
+    expected = gguf.quants.dequantize(raw, qtype).T  # [K, N]
+    blocks = quantize.gguf_blocks(raw, type_name, k)
+    assert blocks.source == f"gguf:{type_name}" and (blocks.offsets is not None) == (type_name == "Q4_1")
+    assert np.array_equal(blocks.dequantize(), expected)
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    head = "int8" if blocks.bits == 8 else "int4"
+    found = run_matmul(expected, x, gguf=blocks, spec=QuantizationSpec("int4", head, accuracy_level=0))
+    np.testing.assert_allclose(found, x.astype(np.float64) @ expected, rtol=0, atol=2e-5 * np.abs(found).max())
+
+
+def weight_model(weight: np.ndarray, op: str = "MatMul", bias: np.ndarray | None = None) -> onnx.ModelProto:
+    """y = x W (+ bias) as one MatMul or Gemm node, W an initializer [K, N]."""
+    k, n = weight.shape
+    initializers = [numpy_helper.from_array(weight, "W")] + ([numpy_helper.from_array(bias, "C")] if bias is not None else [])
+    x_shape = ["b", "t", k] if op == "MatMul" else ["m", k]
+    y_shape = x_shape[:-1] + [n]
+    node = helper.make_node(op, ["x", "W"] + (["C"] if bias is not None else []), ["logits"], name="product")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, y_shape)], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def run_matmul(weight, x, gguf=None, op="MatMul", bias=None, spec=QuantizationSpec("int4", "int4", accuracy_level=0)):
+    """`weight_model` quantized by `quantize.quantize_graph` (with `gguf`'s blocks for W where given), run on ONNX
+    Runtime."""
+    model = weight_model(weight, op, bias)
+    names = {quantize._digest(weight): ["lm_head.weight"]}
+    source = FixedBlocks(gguf) if gguf is not None else None
+    record = quantize.quantize_graph(model, spec, names, source)
+    assert [node.op_type for node in model.graph.node if node.domain == quantize.OP_DOMAIN] == ["MatMulNBits"]
+    assert not any(node.op_type in ("MatMul", "Gemm") and "W" in node.input for node in model.graph.node)
+    if gguf is not None:
+        assert record["head_source"] == gguf.source
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+class FixedBlocks:
+    """A stand-in for `GgufWeights` holding one weight's blocks."""
+
+    path = type("P", (), {"name": "fixed.gguf"})()
+    sha256 = "-"
+
+    def __init__(self, blocks):
+        self._blocks = blocks
+
+    def blocks(self, parameters, k, n, dtype=np.float32):
+        return self._blocks
+
+
+def test_gemm_with_bias_and_a_gguf_that_does_not_match():
+    """GPT-2's Conv1D (Gemm with a bias) becomes MatMulNBits with its bias input; blocks whose values are not the
+    weight's (another model's GGUF) are not used: the weight is quantized from its own values instead."""
+    rng = np.random.default_rng(1)
+    weight = rng.standard_normal((64, 24)).astype(np.float32)
+    bias = rng.standard_normal(24).astype(np.float32)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    expected = quantize.rtn_quantize(weight, 4).dequantize()
+    found = run_matmul(weight, x, op="Gemm", bias=bias)
+    np.testing.assert_allclose(found, x @ expected + bias, rtol=1e-5, atol=1e-4)
+    other = quantize.gguf_blocks(gguf.quants.quantize(rng.standard_normal((24, 64)).astype(np.float32),
+                                                      gguf.GGMLQuantizationType.Q4_1), "Q4_1", 64)
+    model = weight_model(weight)
+    record = quantize.quantize_graph(model, QuantizationSpec("int4", "int4"), {quantize._digest(weight): ["x"]},
+                                     FixedBlocks(other))
+    assert record["head_source"] == "rtn"
+
+
+def test_unpermute_rows_inverts_llama_cpp():
+    from onnx_fixtures import llama_cpp_permute
+
+    rows = np.arange(48)
+    for heads in (2, 3, 6):
+        permuted = llama_cpp_permute(rows, heads)
+        assert np.array_equal(permuted[quantize.unpermute_rows(48, heads)], rows)
+
+
+def test_command_line_choices_are_the_quantizers():
+    assert export_cli.WEIGHT_SCHEMES == quantize.WEIGHT_SCHEMES and export_cli.HEAD_SCHEMES == quantize.HEAD_SCHEMES
+    assert export_cli.DEFAULT_HEAD == quantize.DEFAULT_HEAD
+    assert export_cli.ACCURACY_LEVELS == quantize.ACCURACY_LEVELS
+    assert export_cli.DEFAULT_ACCURACY_LEVEL == quantize.DEFAULT_ACCURACY_LEVEL
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--quantize", "int4", "--tensorrt"], "TensorRT cannot parse"),
+    (["--gguf", "x.gguf"], "apply to a quantized export"),
+    (["--quantize-head", "int4"], "apply to a quantized export"),
+])
+def test_command_line_refusals(tmp_path, arguments, message):
+    with pytest.raises(SystemExit, match=message):
+        cli_main(["export", "--out", str(tmp_path), *arguments])
+
+
+# ------------------------------------------------------------------------------------------------ an exported pair
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """(the float model, the target: that model written as a Q4_1 GGUF (Q8_0 embedding, tied head) and holding
+    exactly the file's weights, the pair on ONNX Runtime): exported by `hf-specdec export --quantize int4 --gguf FILE`
+    (int8 head, accuracy level 4) with a near draft (round-to-nearest). A peaky vocab-12 Llama, so that the first 3
+    generated tokens can be enumerated."""
+    from onnx_fixtures import export_once
+
+    original = tiny_model("llama", vocab_size=VOCAB, seed=0, scale=0.6, tie_word_embeddings=True)
+    original.tie_weights()
+    original.generation_config.eos_token_id = None
+    target = perturbed_copy(original, noise=0.0)
+    source = tmp_path_factory.mktemp("gguf-source")
+    write_llama_gguf(target, source / "tiny.Q4_1.gguf")
+    draft = perturbed_copy(target, noise=0.1)
+
+    def export(out):
+        tokenizer = word_tokenizer(VOCAB)
+        target.save_pretrained(source / "target")
+        tokenizer.save_pretrained(source / "target")
+        draft.save_pretrained(source / "draft")
+        assert cli_main(["export", "--target", str(source / "target"), "--draft", str(source / "draft"), "--out",
+                         str(out), "--max-batch", str(SAMPLES), "--quantize", "int4", "--gguf",
+                         str(source / "tiny.Q4_1.gguf")]) == 0
+
+    return original, target, load_onnxruntime_pair(export_once(tmp_path_factory, "quantized-gguf", export))
+
+
+def test_gguf_target_runs_the_gguf_blocks(quantized):
+    _, target, pair = quantized
+    record = pair.manifest.target.quantization
+    layers = target.config.num_hidden_layers
+    # every linear from the GGUF's Q4_1 blocks (q/k rows un-permuted), the tied head from its Q8_0 token_embd
+    assert record["source"] == "gguf:Q4_1" and record["head_source"] == "gguf:Q8_0"
+    assert record["weights"] == "int4" and record["head"] == "int8" and record["block_size"] == 32
+    assert record["quantized_matmuls"] == 7 * layers + 1 and record["float_matmuls"] == 0
+    assert record["gguf"]["file"] == "tiny.Q4_1.gguf"
+    assert record["op"] == "com.microsoft.MatMulNBits" and record["accuracy_level"] == 4
+    # against the PyTorch model holding the same weights: the int8 activations of accuracy level 4 only
+    parity = record["parity"]
+    assert 0.8 < parity["top1_agreement"] <= 1 and 0 < parity["max_logit_diff"] < 0.25 * parity["max_abs_logit"]
+    draft = pair.manifest.draft.quantization
+    assert draft["source"] == draft["head_source"] == "rtn" and "gguf" not in draft
+    assert draft["quantized_matmuls"] == 7 * layers + 1
+    assert pair.manifest.export["quantization"]["weights"] == "int4"
+    for role, block_sums in (("target", True), ("draft", False)):
+        entry = pair.manifest.entry(role)
+        assert entry.quantized
+        graph = onnx.load(str(pair.model_dir / entry.file), load_external_data=False).graph
+        nodes = [node for node in graph.node if node.op_type == "MatMulNBits"]
+        assert len(nodes) == entry.quantization["quantized_matmuls"] and {n.domain for n in nodes} == {"com.microsoft"}
+        # no product by a float weight is left, but the Q4_1 block sums (x S) and their minimums (M)
+        weights = {init.name for init in graph.initializer}
+        floats = [n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        assert all(name.startswith("block_sum") or name.endswith("_offsets") for name in floats)
+        assert bool(floats) == block_sums
+
+
+# ------------------------------------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("method", ["sd:l=4", "rsd-c:b=2-2-1", "rsd-s:w=3,d=4"])
+@pytest.mark.parametrize("pads", [[0], [0, 2, 4]], ids=["batch1", "batch3-left-padded"])
+def test_greedy_identity_with_the_quantized_target(quantized, method, pads):
+    """Greedy speculative decoding on the quantized graphs gives the tokens the same quantized target graph gives
+    decoding one token at a time."""
+    _, _, pair = quantized
+    batch = left_padded_prompts(pads, 9, VOCAB, seed=7)
+    config = GenerationConfig(do_sample=False, max_new_tokens=40, pad_token_id=0)
+    reference = decode(pair.target, pair.draft, batch["input_ids"], config, "ar", batch["attention_mask"])
+    result = decode(pair.target, pair.draft, batch["input_ids"], config, method, batch["attention_mask"])
+    assert torch.equal(result.sequences, reference.sequences), method
+    assert result.stats.block_efficiency > 1.2
+
+
+PROMPT = [1, 5, 7, 3]
+
+
+def quantized_joint(target: OrtBackend) -> torch.Tensor:
+    """p(x1, x2, x3 | PROMPT) of the quantized target graph itself, enumerated from its logits: [V, V, V]."""
+    sequences = torch.cat([torch.tensor(PROMPT).expand(VOCAB * VOCAB, -1),
+                           torch.cartesian_prod(torch.arange(VOCAB), torch.arange(VOCAB))], 1)
+    batch, length = sequences.shape
+    positions = torch.arange(length).expand(batch, -1).contiguous()
+    target.reset(batch)
+    mask = torch.ones(length, length, dtype=torch.bool).tril().expand(batch, -1, -1).contiguous()
+    probs = target.forward(sequences, positions, mask, positions).logits.double().softmax(-1)
+    first = probs[0, len(PROMPT) - 1]
+    second = probs[::VOCAB, len(PROMPT)]  # rows with x1 = 0 .. V-1
+    third = probs[:, len(PROMPT) + 1].view(VOCAB, VOCAB, VOCAB)
+    return first[:, None, None] * second[:, :, None] * third
+
+
+def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs.flatten() * counts.sum()
+    if (counts[expected == 0] > 0).any():
+        return 0.0
+    large = expected >= 5
+    observed = torch.cat([counts[large], counts[~large].sum()[None]])
+    expected = torch.cat([expected[large], expected[~large].sum()[None]])
+    keep = expected > 0
+    statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    return float(chi2.sf(statistic, df=int(keep.sum()) - 1))
+
+
+def test_sampling_follows_the_quantized_target(quantized):
+    """RSD-S sampling on the quantized pair draws from the quantized target graph's own distribution (not the float
+    model's, which differs from it)."""
+    original, _, pair = quantized
+    exact = quantized_joint(pair.target)
+    torch.manual_seed(1234)
+    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, max_new_tokens=3, pad_token_id=0)
+    new = decode(pair.target, pair.draft, torch.tensor(PROMPT).expand(SAMPLES, -1), config,
+                 "rsd-s:w=4,d=3").sequences[:, len(PROMPT):]
+    counts = torch.bincount((new[:, 0] * VOCAB + new[:, 1]) * VOCAB + new[:, 2], minlength=VOCAB**3).double()
+    assert chi_square_pvalue(counts, exact) > 1e-4
+    # the test tells the two apart: these samples reject the float model's distribution (before 4 bits)
+    assert chi_square_pvalue(counts, float_joint(original)) < 1e-4
+
+
+def float_joint(model) -> torch.Tensor:
+    """p(x1, x2, x3 | PROMPT) of the float PyTorch model: [V, V, V]."""
+    sequences = torch.cat([torch.tensor(PROMPT).expand(VOCAB * VOCAB, -1),
+                           torch.cartesian_prod(torch.arange(VOCAB), torch.arange(VOCAB))], 1)
+    with torch.no_grad():
+        probs = model(sequences).logits.double().softmax(-1)
+    first, second = probs[0, len(PROMPT) - 1], probs[::VOCAB, len(PROMPT)]
+    return first[:, None, None] * second[:, :, None] * probs[:, len(PROMPT) + 1].view(VOCAB, VOCAB, VOCAB)
