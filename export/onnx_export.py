@@ -519,16 +519,20 @@ def quantize_model(entry: ModelEntry, out_dir: Path, model, role: str, spec) -> 
 
 
 def record_parity(manifest: Manifest, models: dict, out_dir: Path) -> Manifest:
-    """Each quantized graph on ONNX Runtime against its float model (`quantize.measure_parity`), in the manifest."""
+    """Each quantized graph on ONNX Runtime against its float model (`quantize.measure_parity`), and the target graph
+    against itself (`quantize.measure_consistency`), in the manifest."""
     from hf_specdec.backends.hf import HFBackend
     from hf_specdec.export.ort_backend import OrtBackend
-    from hf_specdec.export.quantize import measure_parity
+    from hf_specdec.export.quantize import measure_consistency, measure_parity
 
     entries = {}
     for role, model in models.items():
         entry = manifest.entry(role)
-        parity = measure_parity(HFBackend(model, role), OrtBackend(out_dir, role, manifest, "cpu"), entry.vocab_size)
-        entries[role] = dataclasses.replace(entry, quantization={**entry.quantization, "parity": parity})
+        backend = OrtBackend(out_dir, role, manifest, "cpu")
+        record = {**entry.quantization, "parity": measure_parity(HFBackend(model, role), backend, entry.vocab_size)}
+        if role == "target":  # what speculative decoding's exactness is measured against: the target graph itself
+            record["consistency"] = measure_consistency(backend, entry.vocab_size)
+        entries[role] = dataclasses.replace(entry, quantization=record)
     manifest = dataclasses.replace(manifest, **entries)
     manifest.save(out_dir)
     return manifest

@@ -25,10 +25,19 @@ Where the weights come from:
   quantized by `rtn` instead, and the record says which source each weight came from.
 
 Float zero points, which ONNX Runtime's MatMulNBits also accepts (zero_points of the scales' type, so Q4_1 would be
-scale d, zero point -m / d), are not used: ONNX Runtime 1.32 runs them on its unpacked path (the whole weight
-dequantized to float at every run, then an fp32 GEMM), measured slower than the fp32 graph; the correction above
-keeps the packed kernels. `accuracy_level` is MatMulNBits' attribute: 4 quantizes the activations to int8 blocks (the
-fast CPU kernels, as llama.cpp does for its Q4/Q8 dot products), 0 keeps them in float (the weights' exact products).
+scale d, zero point -m / d, and computes correctly), are not used: ONNX Runtime 1.32 runs them on its unpacked path
+(the whole weight dequantized to float at every run, then an fp32 GEMM), measured more than 10x slower than the fp32
+MatMul; the correction above keeps the packed kernels (measured: 5-10% over plain 4-bit blocks).
+
+`accuracy_level` is MatMulNBits' attribute: 0 keeps the activations in float (the weights' exact products), 4
+quantizes them to int8 blocks per row (ONNX Runtime's fastest CPU kernels, as llama.cpp does for its Q4/Q8 dot
+products). Int8 activations make the graph's output jump wherever an activation crosses a rounding boundary, so the
+float rounding by which a tree forward and one-token decoding differ (the split past/new attention, other GEMM
+shapes) can move a logit by far more than rounding: on tiny models, greedy decoding at level 4 in every layer differed
+from the same graph's own one-token decoding in 15 and 22 of 36 runs (vocabularies 12 and 96). Hence the defaults (`default_accuracy_level`): 4-bit
+decoder layers at level 0 (greedy identity holds as on float graphs: 0 of 72 runs differed), 8-bit weights at level
+4 (ONNX Runtime 1.32 has no packed 8-bit kernel with float activations on x86; the int8 head's int8 activations only
+perturb the logits); `--accuracy-level 4` trades that for speed (2-3x on 4-bit products, export/README.md).
 
 The quantized graphs hold `com.microsoft` nodes: they are for ONNX Runtime only (TensorRT parses the float export).
 """
@@ -36,7 +45,6 @@ The quantized graphs hold `com.microsoft` nodes: they are for ONNX Runtime only 
 from __future__ import annotations
 
 import hashlib
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -51,7 +59,6 @@ BITS = {"int4": 4, "int8": 8}
 WEIGHT_SCHEMES = ("none", "int8", "int4")  # --quantize
 HEAD_SCHEMES = ("int8", "int4", "none")  # --quantize-head
 DEFAULT_HEAD = "int8"
-DEFAULT_ACCURACY_LEVEL = 4
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
 OP_DOMAIN = "com.microsoft"
 OP_TYPE = "MatMulNBits"
@@ -62,13 +69,15 @@ PARITY_INPUTS = {"batch": 2, "prompt_length": 12, "left_padding": 4, "tree": (2,
 @dataclass(frozen=True)
 class QuantizationSpec:
     """What `hf-specdec export --quantize` asks for: `weights` for the decoder layers' linears, `head` for the LM
-    head ("none": left in float), blocks of `block_size` along the input dimension, MatMulNBits' `accuracy_level`,
+    head ("none": left in float), blocks of `block_size` along the input dimension, MatMulNBits' accuracy levels
+    (`accuracy_level` for the decoder layers, `head_accuracy_level` for the head; None: `default_accuracy_level`),
     and the target's GGUF file whose blocks are used where they represent the weights exactly (None: `rtn` only)."""
 
     weights: str
     head: str = DEFAULT_HEAD
     block_size: int = BLOCK_SIZE
-    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
+    accuracy_level: int | None = None
+    head_accuracy_level: int | None = None
     gguf: str | None = None
 
     def __post_init__(self):
@@ -78,23 +87,43 @@ class QuantizationSpec:
             raise ValueError(f"head quantization {self.head!r}: expected one of {', '.join(HEAD_SCHEMES)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block size {self.block_size}: MatMulNBits needs a power of two >= 16")
-        if self.accuracy_level not in ACCURACY_LEVELS:
-            raise ValueError(f"accuracy level {self.accuracy_level}: expected one of {ACCURACY_LEVELS}")
+        if self.accuracy_level is None:
+            object.__setattr__(self, "accuracy_level", default_accuracy_level(BITS[self.weights], is_head=False))
+        if self.head_accuracy_level is None:
+            head_level = default_accuracy_level(BITS.get(self.head, 0), is_head=True, layers=self.accuracy_level)
+            object.__setattr__(self, "head_accuracy_level", head_level)
+        for level in (self.accuracy_level, self.head_accuracy_level):
+            if level not in ACCURACY_LEVELS:
+                raise ValueError(f"accuracy level {level}: expected one of {ACCURACY_LEVELS}")
 
     @classmethod
     def from_options(cls, quantize: str | None, head: str | None = None, gguf: "str | Path | None" = None,
-                     accuracy_level: int | None = None, block_size: int = BLOCK_SIZE) -> "QuantizationSpec | None":
+                     accuracy_level: int | None = None, head_accuracy_level: int | None = None,
+                     block_size: int = BLOCK_SIZE) -> "QuantizationSpec | None":
         """The spec of the command line's options; None for `--quantize none` (the float export, unchanged)."""
         if quantize in (None, "none"):
             if head not in (None, "none") or gguf is not None:
                 raise ValueError("--quantize-head and --gguf apply to a quantized export: add --quantize int4 or int8")
             return None
-        level = DEFAULT_ACCURACY_LEVEL if accuracy_level is None else accuracy_level
-        return cls(quantize, head or DEFAULT_HEAD, block_size, level, None if gguf is None else str(gguf))
+        return cls(quantize, head or DEFAULT_HEAD, block_size, accuracy_level, head_accuracy_level,
+                   None if gguf is None else str(gguf))
 
     def bits_for(self, is_head: bool) -> int | None:
-        scheme = self.head if is_head else self.weights
-        return BITS.get(scheme)
+        return BITS.get(self.head if is_head else self.weights)
+
+    def level_for(self, is_head: bool) -> int:
+        return self.head_accuracy_level if is_head else self.accuracy_level
+
+
+def default_accuracy_level(bits: int, is_head: bool, layers: int = 0) -> int:
+    """MatMulNBits' accuracy level where none is asked for. Decoder layers: 0 for 4 bits (float activations: the
+    graph is a function of the prefix up to float rounding, so a tree forward and one-token decoding agree, as on
+    float graphs), 4 for 8 bits (ONNX Runtime 1.32 has no packed 8-bit kernel with float activations on x86: at
+    level 0 it dequantizes the whole weight at every run). The head: 4 for 8 bits (its int8 activations perturb the
+    logits only, and nothing is carried on to later layers), else the decoder layers' level."""
+    if bits == 8:
+        return 4
+    return layers if is_head else 0
 
 
 # ---------------------------------------------------------------------------------------------- block layouts
@@ -404,21 +433,24 @@ def quantize_graph(model: onnx.ModelProto, spec: QuantizationSpec, names: dict[t
     uses = Counter(i for node in graph.node for i in node.input)
     sources: Counter = Counter()
     head_source = None
-    left_in_float = 0
-    new_nodes, new_initializers, block_sums = [], [], {}
-    replaced = set()
+    # products by a constant weight MatMulNBits cannot take (not 2-D: the experts of a densely traced MoE) ...
+    left_in_float = sum(1 for node in graph.node if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1
+                        and node.input[1] in initializers and node.output[0] not in candidates)
+    new_nodes, new_initializers, block_sums = [], {}, {}
+    replaced, quantized_weights = set(), {}
     for node in graph.node:
         candidate = candidates.get(node.output[0]) if node.output else None
         bits = None if candidate is None else spec.bits_for(node.output[0] == head)
         if candidate is None or bits is None:
-            left_in_float += candidate is not None
+            left_in_float += candidate is not None  # ... and those left in float by the scheme (--quantize-head none)
             new_nodes.append(node)
             continue
+        key = (candidate.weight, candidate.transposed, bits)
         weight = numpy_helper.to_array(initializers[candidate.weight])
         weight = weight.T if candidate.transposed else weight
         k, n = weight.shape
-        quantized = None
-        if gguf is not None and names is not None and spec.block_size == GGUF_BLOCK:
+        quantized = quantized_weights.get(key)  # a weight shared by several products: quantized once
+        if quantized is None and gguf is not None and names is not None and spec.block_size == GGUF_BLOCK:
             parameters = names.get(_digest(weight), [])
             quantized = gguf.blocks(parameters, k, n, weight.dtype) if parameters else None
             # used only where its values are exactly the weight being exported (same model, same rows)
@@ -426,11 +458,13 @@ def quantize_graph(model: onnx.ModelProto, spec: QuantizationSpec, names: dict[t
                 quantized = None
         if quantized is None:
             quantized = rtn_quantize(np.ascontiguousarray(weight), bits, spec.block_size)
+        quantized_weights[key] = quantized
         if node.output[0] == head:
             head_source = quantized.source
         else:
             sources[quantized.source] += 1
-        new_nodes += _matmul_nbits(node, candidate, quantized, spec, new_initializers, block_sums)
+        level = spec.level_for(node.output[0] == head)
+        new_nodes += _matmul_nbits(node, candidate, quantized, level, new_initializers, block_sums)
         uses[candidate.weight] -= 1
         replaced.add(candidate.weight)
     graph.ClearField("node")
@@ -438,7 +472,7 @@ def quantize_graph(model: onnx.ModelProto, spec: QuantizationSpec, names: dict[t
     unused = {name for name in replaced if uses[name] <= 0}
     kept = [init for init in graph.initializer if init.name not in unused]
     graph.ClearField("initializer")
-    graph.initializer.extend(kept + new_initializers)
+    graph.initializer.extend(kept + list(new_initializers.values()))
     if not any(opset.domain == OP_DOMAIN for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid(OP_DOMAIN, 1))
     total = sum(sources.values())
@@ -450,49 +484,59 @@ def quantize_graph(model: onnx.ModelProto, spec: QuantizationSpec, names: dict[t
         "head_source": head_source,
         "op": f"{OP_DOMAIN}.{OP_TYPE}",
         "accuracy_level": spec.accuracy_level,
+        "head_accuracy_level": spec.head_accuracy_level if head_source is not None else None,
         "quantized_matmuls": total + (head_source is not None),
         "float_matmuls": left_in_float,
     }
     if len(sources) > 1:
         record["sources"] = dict(sorted(sources.items()))
+    record = {key: value for key, value in record.items() if value is not None}
     if gguf is not None:
         record["gguf"] = {"file": gguf.path.name, "sha256": gguf.sha256}
     return record
 
 
-def _matmul_nbits(node, candidate: _Candidate, quantized: BlockQuantized, spec: QuantizationSpec,
-                  initializers: list, block_sums: dict) -> list:
-    """MatMulNBits for `node` (and, for GGUF Q4_1, its block-minimum correction); new initializers appended."""
-    prefix = candidate.weight
+def _matmul_nbits(node, candidate: _Candidate, quantized: BlockQuantized, accuracy_level: int,
+                  initializers: dict, block_sums: dict) -> list:
+    """MatMulNBits for `node` (and, for GGUF Q4_1, its block-minimum correction); the initializers it needs are added
+    to `initializers` (name -> tensor) unless there already (a weight shared by several products)."""
+    prefix = f"{candidate.weight}{'_t' if candidate.transposed else ''}_q{quantized.bits}"
     dtype = quantized.scales.dtype
-    b = numpy_helper.from_array(quantized.packed, f"{prefix}_q{quantized.bits}")
-    scales = numpy_helper.from_array(quantized.scales.reshape(-1), f"{prefix}_scales")
-    zero_points = numpy_helper.from_array(quantized.packed_zero_points().reshape(-1), f"{prefix}_zero_points")
-    initializers += [b, scales, zero_points]
-    inputs = [node.input[0], b.name, scales.name, zero_points.name]
+
+    def add(name: str, make):
+        if name not in initializers:
+            initializers[name] = numpy_helper.from_array(make(), name)
+        return name
+
+    b = add(prefix, lambda: quantized.packed)
+    scales = add(f"{prefix}_scales", lambda: quantized.scales.reshape(-1))
+    zero_points = add(f"{prefix}_zero_points", lambda: quantized.packed_zero_points().reshape(-1))
+    inputs = [node.input[0], b, scales, zero_points]
     if candidate.bias is not None:
         inputs += ["", candidate.bias]  # no g_idx; the bias
     output = node.output[0]
     product = output if quantized.offsets is None else f"{output}_nbits"
     attributes = {"K": quantized.k, "N": quantized.n, "bits": quantized.bits, "block_size": quantized.block_size}
-    if spec.accuracy_level:
-        attributes["accuracy_level"] = spec.accuracy_level
+    if accuracy_level:
+        attributes["accuracy_level"] = accuracy_level
     nodes = [helper.make_node(OP_TYPE, inputs, [product], name=f"{node.name or output}_Q{quantized.bits}",
                               domain=OP_DOMAIN, **attributes)]
     if quantized.offsets is not None:
         # x W = MatMulNBits(x) + (x S) M: S sums x over each block, M [blocks, N] holds the block minimums
         a = node.input[0]
         if a not in block_sums:
-            key = f"block_sum_{quantized.k}x{quantized.block_size}_{dtype.name}"
-            if not any(init.name == key for init in initializers):
-                indicator = np.zeros((quantized.k, quantized.blocks), dtype=dtype)
-                indicator[np.arange(quantized.k), np.arange(quantized.k) // quantized.block_size] = 1
-                initializers.append(numpy_helper.from_array(indicator, key))
+            k, size = quantized.k, quantized.block_size
+
+            def indicator():
+                ones = np.zeros((k, quantized.blocks), dtype=dtype)
+                ones[np.arange(k), np.arange(k) // size] = 1
+                return ones
+
+            key = add(f"block_sum_{k}x{size}_{dtype.name}", indicator)
             block_sums[a] = f"{a}_block_sums"
             nodes.append(helper.make_node("MatMul", [a, key], [block_sums[a]], name=f"{a}_block_sums"))
-        offsets = numpy_helper.from_array(np.ascontiguousarray(quantized.offsets.T), f"{prefix}_offsets")
-        initializers.append(offsets)
-        nodes.append(helper.make_node("MatMul", [block_sums[a], offsets.name], [f"{output}_offsets"],
+        offsets = add(f"{prefix}_offsets", lambda: np.ascontiguousarray(quantized.offsets.T))
+        nodes.append(helper.make_node("MatMul", [block_sums[a], offsets], [f"{output}_offsets"],
                                       name=f"{node.name or output}_offsets"))
         nodes.append(helper.make_node("Add", [product, f"{output}_offsets"], [output], name=f"{node.name or output}_sum"))
     return nodes
@@ -542,18 +586,49 @@ def measure_parity(reference, candidate, vocab_size: int) -> dict:
     }
 
 
+def measure_consistency(backend, vocab_size: int, length: int = 16, seed: int = 0) -> dict:
+    """The graph against itself: the logits of `length` random tokens scored in one forward (as a tree or prefill
+    scores them) and decoded one token at a time (as plain decoding does). Speculative decoding is exact with respect
+    to the graph's own distribution up to this difference (float rounding at accuracy level 0; int8 activations at
+    level 4 can turn rounding into larger jumps)."""
+    import torch
+
+    length = min(length, backend.max_dims["new"])
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tokens = torch.randint(3, vocab_size, (1, length))
+    positions = torch.arange(length)[None]
+    backend.reset(1)
+    together = backend.forward(tokens, positions, torch.ones(length, length, dtype=torch.bool).tril()[None],
+                               positions).logits[0]
+    backend.reset(1)
+    one_by_one = torch.stack([
+        backend.forward(tokens[:, t:t + 1], positions[:, t:t + 1], torch.ones(1, 1, t + 1, dtype=torch.bool),
+                        positions[:, :t + 1]).logits[0, 0]
+        for t in range(length)])
+    from hf_specdec.export.parity import max_logit_error
+
+    return {
+        "inputs": f"{length} random tokens (seed {seed}) in one forward vs one token at a time",
+        "max_logit_diff": float(f"{max_logit_error(one_by_one, together):.3g}"),
+        "top1_agreement": round(float((together.argmax(-1) == one_by_one.argmax(-1)).float().mean()), 4),
+    }
+
+
 def describe(record: dict | None) -> str:
     """One line for the command line: the scheme and its parity."""
     if not record:
         return "float"
-    head = f", head {record['head']} ({record['head_source']})" if record.get("head") else ""
-    line = f"{record['weights']} ({record['source']}){head}, {record['quantized_matmuls']} MatMulNBits"
+    head = (f", head {record['head']} ({record['head_source']}, accuracy level {record['head_accuracy_level']})"
+            if record.get("head_source") else "")
+    line = (f"{record['weights']} ({record.get('source')}, accuracy level {record['accuracy_level']}){head}, "
+            f"{record['quantized_matmuls']} MatMulNBits")
     parity = record.get("parity")
     if parity:
         line += (f"; vs float: max logit diff {parity['max_logit_diff']:.3g} (logits up to "
                  f"{parity['max_abs_logit']:.3g}), top-1 agreement {parity['top1_agreement']:.1%}")
+    consistency = record.get("consistency")
+    if consistency:
+        line += f"; one forward vs one token at a time: max logit diff {consistency['max_logit_diff']:.3g}"
     return line
 
-
-def dims_product(dims) -> int:
-    return math.prod(int(d) for d in dims)

@@ -21,7 +21,9 @@ from hf_specdec.config import SpeculativeConfig
 # "ar-loop": plain autoregressive decoding through hf_specdec's own loop and backend (speculative_config="ar"), which
 # separates what the backend's kernels gain from what speculation gains
 METHODS = ("ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s")
-BACKENDS = ("pytorch", "onnxruntime")
+# "llama.cpp": plain decoding of the target's GGUF through llama-cpp-python (`hf_specdec.llama_cpp_runner`): the
+# reference for the int4 ONNX Runtime rows (`--quantize int4`); it runs "ar" only
+BACKENDS = ("pytorch", "onnxruntime", "llama.cpp")
 BUDGETS = (6, 10, 14, 21, 30)
 # HF assisted generation: its defaults, then a sweep of num_assistant_tokens (constant schedule) for its best
 ASSISTED_TOKENS = (1, 2, 3, 4, 5, 6, 8)
@@ -60,6 +62,7 @@ class Setting:
     assistant_tokens: int | None = None  # hf-assisted only; None = HF's defaults
     backend: str = "pytorch"
     draft: str = ""  # a key of the bench's drafts ("" for plain decoding)
+    weights: str = ""  # how the backend stores the weights where not as the PyTorch model ("int4", "gguf:Q4_1")
 
 
 @dataclass
@@ -80,6 +83,7 @@ class Record:
     draft_calls: int
     backend: str = "pytorch"
     draft: str = ""
+    weights: str = ""
     step_ms: float = float("nan")  # measured: decoding time per target call (our loop; HF's: per forward)
     predicted_step_ms: float = float("nan")  # the planner's prediction, made before the setting ran
     log_likelihoods: list[float] = field(default_factory=list, repr=False)  # per prompt, mean per token
@@ -91,13 +95,20 @@ class Record:
 
 
 def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted_tokens=ASSISTED_TOKENS,
-                 drafts=("draft",), assistant: str | None = "draft") -> list[Setting]:
+                 drafts=("draft",), assistant: str | None = "draft", weights: dict[str, str] | None = None) -> list[Setting]:
     """Every (backend, temperature, method, shape, draft) to measure: the speculative methods with each of `drafts`,
-    HF assisted generation (on PyTorch only) with `assistant` (None: no HF assisted rows)."""
+    HF assisted generation (on PyTorch only) with `assistant` (None: no HF assisted rows); llama.cpp runs plain
+    decoding ("ar") only. `weights`: backend -> how it stores the weights, recorded with its settings."""
     settings = []
     for backend in backends:
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+        stored = (weights or {}).get(backend, "")
+        if backend == "llama.cpp":
+            if "ar" in methods:
+                settings += [Setting("ar", "ar", 0, t, 0, backend=backend, weights=stored) for t in temperatures]
+            continue
+        before = len(settings)
         for temperature in temperatures:
             for method in methods:
                 if method == "ar":
@@ -121,6 +132,8 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted
                                      for draft in (drafts if backend == "pytorch" else drafts[:1])]
                 else:
                     raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+        for setting in settings[before:]:
+            setting.weights = stored
     return settings
 
 
@@ -171,13 +184,15 @@ class ForwardCounter:
 class Bench:
     """Runs settings on a target, its drafts (name -> model: a setting's `draft` picks one) and tokenizer over fixed
     prompts; `exported` (an `hf_specdec.export.ort_backend.ExportedPair` of the target and the first draft) serves the
-    onnxruntime settings."""
+    onnxruntime settings, `llama_cpp` (an `hf_specdec.llama_cpp_runner.LlamaCppRunner` of the target's GGUF) the
+    llama.cpp ones."""
 
     def __init__(self, target, drafts: dict, tokenizer, prompts: list[str], max_new_tokens: int, seed: int = 0,
-                 exported=None, predict: bool = True):
+                 exported=None, predict: bool = True, llama_cpp=None):
         """`predict`: ask the planner for each speculative setting's step time first (it calibrates each model on
         first use, about a minute for SmolLM2-135M)."""
         self.target, self.drafts, self.tokenizer, self.exported = target, drafts, tokenizer, exported
+        self.llama_cpp = llama_cpp
         self.predict = predict
         self.prompt_ids = [tokenizer(p, return_tensors="pt", add_special_tokens=False).input_ids for p in prompts]
         self.max_new_tokens, self.seed = max_new_tokens, seed
@@ -194,6 +209,8 @@ class Bench:
         common = dict(max_new_tokens=max_new_tokens, pad_token_id=self.pad_token_id, **sampling)
         if setting.backend == "onnxruntime":
             return self._exported(setting, input_ids, common)
+        if setting.backend == "llama.cpp":
+            return self._llama_cpp(setting, input_ids, max_new_tokens)
         if setting.method == "ar":
             return self.target.generate(input_ids, **common), None  # plain generate
         if setting.method == "hf-assisted":
@@ -212,6 +229,21 @@ class Bench:
         generation_config = GenerationConfig(eos_token_id=self.target.generation_config.eos_token_id, **common)
         result = decode(self.exported.target, self.exported.draft, input_ids, generation_config, setting.config)
         return result.sequences, result.stats
+
+    def _llama_cpp(self, setting: Setting, input_ids, max_new_tokens: int):
+        """Plain decoding in llama.cpp; its stats as the loop reports them (one target call per token)."""
+        from types import SimpleNamespace
+
+        if self.llama_cpp is None:
+            raise ValueError("llama.cpp settings need the GGUF model (Bench(..., llama_cpp=LlamaCppRunner(...)))")
+        eos = self.target.generation_config.eos_token_id
+        eos = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        seed = int(torch.randint(0, 2**31 - 1, ()))  # from the prompt's seed (`run` seeds torch per prompt)
+        out = self.llama_cpp.generate(input_ids[0].tolist(), max_new_tokens, setting.temperature, seed, eos)
+        sequence = torch.cat([input_ids[0], torch.tensor(out.tokens, dtype=input_ids.dtype)])[None]
+        stats = SimpleNamespace(target_calls=len(out.tokens), draft_calls=0, time_total=out.seconds,
+                                time_prefill=out.prefill_seconds)
+        return sequence, stats
 
     def _assisted(self, setting: Setting, input_ids, common):
         assistant = self.drafts[setting.draft]
@@ -265,6 +297,7 @@ class Bench:
         return Record(
             backend=setting.backend,
             draft=setting.draft,
+            weights=setting.weights,
             method=setting.method,
             config=setting.config,
             budget=setting.budget,

@@ -56,7 +56,7 @@ def test_gguf_blocks_are_the_gguf_weights_in_matmulnbits(type_name):
     assert np.array_equal(blocks.dequantize(), expected)
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
     head = "int8" if blocks.bits == 8 else "int4"
-    found = run_matmul(expected, x, gguf=blocks, spec=QuantizationSpec("int4", head, accuracy_level=0))
+    found = run_matmul(expected, x, gguf=blocks, spec=QuantizationSpec("int4", head, accuracy_level=0, head_accuracy_level=0))
     np.testing.assert_allclose(found, x.astype(np.float64) @ expected, rtol=0, atol=2e-5 * np.abs(found).max())
 
 
@@ -118,6 +118,24 @@ def test_gemm_with_bias_and_a_gguf_that_does_not_match():
     assert record["head_source"] == "rtn"
 
 
+def test_a_weight_shared_by_two_products_is_stored_once():
+    rng = np.random.default_rng(2)
+    weight = rng.standard_normal((64, 16)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("MatMul", ["x", "W"], ["g"]),
+             helper.make_node("Add", ["h", "g"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", 64])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["m", 16])],
+                              [numpy_helper.from_array(weight, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    record = quantize.quantize_graph(model, QuantizationSpec("int4", "int4", accuracy_level=0))
+    assert record["quantized_matmuls"] == 2  # both int4 (one of them taken for the head): the same blocks
+    assert sorted(init.name for init in model.graph.initializer) == ["W_q4", "W_q4_scales", "W_q4_zero_points"]
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = 2 * x @ quantize.rtn_quantize(weight, 4).dequantize()
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
 def test_unpermute_rows_inverts_llama_cpp():
     from onnx_fixtures import llama_cpp_permute
 
@@ -131,13 +149,22 @@ def test_command_line_choices_are_the_quantizers():
     assert export_cli.WEIGHT_SCHEMES == quantize.WEIGHT_SCHEMES and export_cli.HEAD_SCHEMES == quantize.HEAD_SCHEMES
     assert export_cli.DEFAULT_HEAD == quantize.DEFAULT_HEAD
     assert export_cli.ACCURACY_LEVELS == quantize.ACCURACY_LEVELS
-    assert export_cli.DEFAULT_ACCURACY_LEVEL == quantize.DEFAULT_ACCURACY_LEVEL
+
+
+def test_default_accuracy_levels():
+    """Float activations for 4-bit decoder layers (exact as float graphs), int8 activations for 8-bit weights."""
+    spec = QuantizationSpec("int4")
+    assert (spec.accuracy_level, spec.head, spec.head_accuracy_level) == (0, "int8", 4)
+    assert QuantizationSpec("int4", "int4").head_accuracy_level == 0
+    assert QuantizationSpec("int4", "int4", accuracy_level=4).head_accuracy_level == 4
+    assert QuantizationSpec("int8").accuracy_level == 4
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["--quantize", "int4", "--tensorrt"], "TensorRT cannot parse"),
     (["--gguf", "x.gguf"], "apply to a quantized export"),
     (["--quantize-head", "int4"], "apply to a quantized export"),
+    (["--accuracy-level", "4"], "apply to a quantized export"),
 ])
 def test_command_line_refusals(tmp_path, arguments, message):
     with pytest.raises(SystemExit, match=message):
@@ -149,8 +176,8 @@ def test_command_line_refusals(tmp_path, arguments, message):
 def quantized(tmp_path_factory):
     """(the float model, the target: that model written as a Q4_1 GGUF (Q8_0 embedding, tied head) and holding
     exactly the file's weights, the pair on ONNX Runtime): exported by `hf-specdec export --quantize int4 --gguf FILE`
-    (int8 head, accuracy level 4) with a near draft (round-to-nearest). A peaky vocab-12 Llama, so that the first 3
-    generated tokens can be enumerated."""
+    (the defaults: float activations in the decoder layers, an int8 head at accuracy level 4) with a near draft
+    (round-to-nearest). A peaky vocab-12 Llama, so that the first 3 generated tokens can be enumerated."""
     from onnx_fixtures import export_once
 
     original = tiny_model("llama", vocab_size=VOCAB, seed=0, scale=0.6, tie_word_embeddings=True)
@@ -182,12 +209,16 @@ def test_gguf_target_runs_the_gguf_blocks(quantized):
     assert record["weights"] == "int4" and record["head"] == "int8" and record["block_size"] == 32
     assert record["quantized_matmuls"] == 7 * layers + 1 and record["float_matmuls"] == 0
     assert record["gguf"]["file"] == "tiny.Q4_1.gguf"
-    assert record["op"] == "com.microsoft.MatMulNBits" and record["accuracy_level"] == 4
-    # against the PyTorch model holding the same weights: the int8 activations of accuracy level 4 only
+    assert record["op"] == "com.microsoft.MatMulNBits"
+    assert record["accuracy_level"] == 0 and record["head_accuracy_level"] == 4
+    # against the PyTorch model holding the same weights: the int8 activations of the head's accuracy level 4 only
     parity = record["parity"]
     assert 0.8 < parity["top1_agreement"] <= 1 and 0 < parity["max_logit_diff"] < 0.25 * parity["max_abs_logit"]
+    # one forward vs one token at a time: float rounding only (the decoder layers' activations are float)
+    consistency = record["consistency"]
+    assert consistency["max_logit_diff"] < 1e-3 and consistency["top1_agreement"] == 1.0
     draft = pair.manifest.draft.quantization
-    assert draft["source"] == draft["head_source"] == "rtn" and "gguf" not in draft
+    assert draft["source"] == draft["head_source"] == "rtn" and "gguf" not in draft and "consistency" not in draft
     assert draft["quantized_matmuls"] == 7 * layers + 1
     assert pair.manifest.export["quantization"]["weights"] == "int4"
     for role, block_sums in (("target", True), ("draft", False)):
@@ -271,3 +302,18 @@ def float_joint(model) -> torch.Tensor:
         probs = model(sequences).logits.double().softmax(-1)
     first, second = probs[0, len(PROMPT) - 1], probs[::VOCAB, len(PROMPT)]
     return first[:, None, None] * second[:, :, None] * probs[:, len(PROMPT) + 1].view(VOCAB, VOCAB, VOCAB)
+
+
+def test_bench_onnxruntime_rows_use_the_asked_quantization(quantized):
+    """`hf-specdec bench --quantize int4 --model-dir DIR` runs the int4 export in DIR, and refuses one of another
+    scheme instead of timing it under the wrong name."""
+    import argparse
+
+    from hf_specdec.cli.bench import load_export
+
+    _, _, pair = quantized
+    args = argparse.Namespace(model_dir=pair.model_dir, quantize="int4", target="tiny", draft="tiny", gguf=None)
+    assert load_export(args, None, None, None).manifest.target.quantization["weights"] == "int4"
+    args.quantize = "none"
+    with pytest.raises(SystemExit, match="holds an int4 export but --quantize is none"):
+        load_export(args, None, None, None)

@@ -35,8 +35,15 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--assistant", help="HF assisted generation's draft (HF id or dir of an ordinary causal LM); "
                         "default: the embedded standalone draft, or --draft if it is one")
     parser.add_argument("--backends", type=_csv_list(str), default=["pytorch"],
-                        help="pytorch and/or onnxruntime (the same pair exported to --model-dir; exported there first "
-                        "if the directory has no export)")
+                        help="pytorch, onnxruntime (the same pair exported to --model-dir; exported there first "
+                        "if the directory has no export) and/or llama.cpp (plain decoding of the target's GGUF, --gguf, "
+                        "through llama-cpp-python: its rows are skipped, with how to install it, where it is absent)")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+                        help="the onnxruntime rows run an export with block-quantized weights (`hf-specdec export "
+                        "--quantize`): --model-dir must hold one (made there if absent); default none: float")
+    parser.add_argument("--gguf", type=Path,
+                        help="the target's GGUF file, for the llama.cpp rows (and the weights of an export made with "
+                        "--quantize); default: the packaged SmolLM2 Q4_1 GGUF for the embedded target")
     parser.add_argument("--model-dir", type=Path, help="ONNX export of the pair for --backends onnxruntime")
     parser.add_argument("--methods", type=_csv_list(str), default=["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s"],
                         help="ar (plain generate), ar-loop (plain decoding through hf_specdec's loop and kernels), "
@@ -63,14 +70,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="cpu", help="with --overhead: cpu or cuda")
 
 
-COLUMNS = ("backend", "method", "draft", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s",
+COLUMNS = ("backend", "weights", "method", "draft", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s",
            "speedup", "accuracy", "step_ms", "predicted_step_ms")
 
 
 def format_table(records) -> str:
     rows = [COLUMNS + ("accuracy 95% CI",)]
     for r in records:
-        rows.append((r.backend, r.method, r.draft or "-", r.config, str(r.budget), f"{r.temperature:g}", f"{r.block_efficiency:.2f}",
+        rows.append((r.backend, r.weights or "-", r.method, r.draft or "-", r.config, str(r.budget), f"{r.temperature:g}", f"{r.block_efficiency:.2f}",
                      f"{r.mbsu:.2f}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x", f"{r.accuracy:.3f}",
                      f"{r.step_ms:.1f}", f"{r.predicted_step_ms:.1f}",
                      f"[{r.accuracy_ci[0]:.3f}, {r.accuracy_ci[1]:.3f}]"))
@@ -184,12 +191,65 @@ def load_export(args, target, draft, tokenizer):
 
     if args.model_dir is None:
         raise SystemExit("--backends onnxruntime needs --model-dir DIR (an export of the same pair, made there if absent)")
+    quantization = None
+    if args.quantize != "none":
+        from hf_specdec.export.quantize import QuantizationSpec
+
+        gguf = target_gguf(args)
+        quantization = QuantizationSpec.from_options(args.quantize, gguf=gguf if gguf and gguf.is_file() else None)
     if not (args.model_dir / MANIFEST_FILE).is_file():
         print(f"exporting the pair to {args.model_dir} ...", file=sys.stderr)
         default_pair = "hf_specdec.models.load_default_pair()"
         export_pair(target, draft, tokenizer, args.model_dir,
-                    {"target": args.target or default_pair, "draft": args.draft or default_pair})
-    return load_onnxruntime_pair(args.model_dir)
+                    {"target": args.target or default_pair, "draft": args.draft or default_pair},
+                    quantization=quantization)
+    pair = load_onnxruntime_pair(args.model_dir)
+    found = (pair.manifest.target.quantization or {}).get("weights", "none")
+    if found != args.quantize:
+        holds = "a float" if found == "none" else f"an {found}"
+        raise SystemExit(f"{args.model_dir} holds {holds} export but --quantize is {args.quantize}: give --model-dir "
+                         f"another directory (exported there if absent), or `hf-specdec export --quantize "
+                         f"{args.quantize} --out DIR` first")
+    return pair
+
+
+def target_gguf(args) -> Path | None:
+    """--gguf, or for the embedded target the packaged GGUF it is converted from (None for --target without it)."""
+    if args.gguf is not None or args.target is not None:
+        return args.gguf
+    from hf_specdec import models
+
+    return models._target_package_dir() / models.TARGET_GGUF_FILE
+
+
+def load_llama_cpp(args, tokenizer):
+    """The llama.cpp runner for --backends llama.cpp, or None (the rows are skipped) where llama-cpp-python is
+    absent."""
+    from hf_specdec import llama_cpp_runner
+
+    if not llama_cpp_runner.available():
+        print(f"skipping the llama.cpp rows: {llama_cpp_runner.INSTALL_HINT}", file=sys.stderr)
+        return None
+    gguf = target_gguf(args)
+    if gguf is None:
+        raise SystemExit("--backends llama.cpp with --target needs --gguf PATH (the target's GGUF file)")
+    runner = llama_cpp_runner.LlamaCppRunner(gguf, context=args.max_prompt_tokens + args.max_new_tokens + 64)
+    if runner.vocab_size != len(tokenizer):
+        raise SystemExit(f"{gguf} has a {runner.vocab_size}-token vocabulary, the target's tokenizer {len(tokenizer)}: "
+                         "the llama.cpp rows need the target's own GGUF (--gguf)")
+    return runner
+
+
+def gguf_weights(path: Path | None) -> str:
+    """How a GGUF stores the target's linear weights: "gguf:<most common block type>"."""
+    if path is None:
+        return "gguf"
+    import collections
+
+    import gguf
+
+    types = collections.Counter(t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors if len(t.shape) == 2)
+    return f"gguf:{types.most_common(1)[0][0]}" if types else "gguf"
 
 
 def run_overhead(args: argparse.Namespace) -> int:
@@ -226,10 +286,16 @@ def run(args: argparse.Namespace) -> int:
         methods.insert(0, "ar")  # speedup and accuracy are relative to plain generate
     target, drafts, assistant, tokenizer = load_models(args)
     ours = list(args.draft_kinds) if args.target is None else ["draft"]
-    settings = settings_for(methods, args.budgets, args.temperatures, args.backends, assisted_tokens, ours, assistant)
-    exported = load_export(args, target, drafts[ours[0]], tokenizer) if "onnxruntime" in args.backends else None
+    llama_cpp = load_llama_cpp(args, tokenizer) if "llama.cpp" in args.backends else None
+    backends = [b for b in args.backends if b != "llama.cpp" or llama_cpp is not None]
+    weights = {"onnxruntime": "" if args.quantize == "none" else args.quantize}
+    if llama_cpp is not None:
+        weights["llama.cpp"] = gguf_weights(llama_cpp.path)
+    settings = settings_for(methods, args.budgets, args.temperatures, backends, assisted_tokens, ours, assistant,
+                            weights)
+    exported = load_export(args, target, drafts[ours[0]], tokenizer) if "onnxruntime" in backends else None
     bench = Bench(target, drafts, tokenizer, heldout_prompts(args.prompts, tokenizer, args.max_prompt_tokens),
-                  args.max_new_tokens, args.seed, exported)
+                  args.max_new_tokens, args.seed, exported, llama_cpp=llama_cpp)
     ratios = ", ".join(f"{name} {ratio:.3f}" for name, ratio in bench.cost_ratios.items())
     print(f"{len(settings)} settings x {args.prompts} prompts, {args.max_new_tokens} new tokens; "
           f"draft/target parameters c: {ratios}", file=sys.stderr)

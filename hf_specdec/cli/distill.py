@@ -9,7 +9,7 @@ DEFAULT_TEACHER_DIR = "runs/teacher"
 EMBEDDED_TARGET = "embedded"
 # per draft type: what its options default to (the shipped drafts were trained with these)
 DEFAULTS = {
-    "feature": {"layers": "1", "steps": 1000, "lr": 6e-4, "batch_tokens": 4096},
+    "feature": {"layers": "1", "steps": 900, "lr": 2e-3, "batch_tokens": 4096},
     "standalone": {"layers": "0,1", "steps": 400, "lr": 1e-3, "batch_tokens": 8192},
 }
 
@@ -47,11 +47,11 @@ def add_parser(subparsers) -> None:
                        "feature: number of decoder layers (default 1)")
     draft.add_argument("--oov-rank", type=int, default=32, help="embedding rank of input tokens outside the vocabulary")
     train = parser.add_argument_group("training")
-    train.add_argument("--steps", type=int, help="optimizer steps (default: feature 1000, standalone 400)")
+    train.add_argument("--steps", type=int, help="optimizer steps (default: feature 900, standalone 400)")
     train.add_argument("--batch-tokens", type=int,
                        help="padded positions per step (default: feature 4096, standalone 8192)")
     train.add_argument("--lr", type=float,
-                       help="peak learning rate, cosine decay to a tenth (default: feature 6e-4, standalone 1e-3)")
+                       help="peak learning rate, cosine decay to a tenth (default: feature 2e-3, standalone 1e-3)")
     train.add_argument("--warmup-steps", type=int, default=30, help="linear learning-rate warm-up")
     train.add_argument("--unroll", type=int, default=3, help="feature: unrolled draft steps (tree depths) trained")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")

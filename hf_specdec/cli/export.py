@@ -14,7 +14,6 @@ WEIGHT_SCHEMES = ("none", "int8", "int4")
 HEAD_SCHEMES = ("int8", "int4", "none")
 DEFAULT_HEAD = "int8"
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)
-DEFAULT_ACCURACY_LEVEL = 4
 
 
 def add_parser(subparsers) -> None:
@@ -73,10 +72,16 @@ def add_parser(subparsers) -> None:
         "Q4_1 GGUF for the embedded target, none for --target",
     )
     parser.add_argument(
-        "--accuracy-level", type=int, choices=ACCURACY_LEVELS, default=DEFAULT_ACCURACY_LEVEL,
-        help=f"with --quantize: MatMulNBits' accuracy_level (default {DEFAULT_ACCURACY_LEVEL}: activations quantized to "
-        "int8 blocks, ONNX Runtime's fast CPU kernels, as llama.cpp does; 0: float activations, the weights' exact "
-        "products, 4-bit only: 8-bit weights then take ONNX Runtime's slow unpacked path)",
+        "--accuracy-level", type=int, choices=ACCURACY_LEVELS,
+        help="with --quantize: MatMulNBits' accuracy_level for the decoder layers: 0 (the default for int4) keeps "
+        "activations in float, so speculative decoding agrees with the graph's own one-token decoding as on float "
+        "graphs; 4 (the default for int8: ONNX Runtime has no fast 8-bit kernel with float activations) quantizes them "
+        "to int8 blocks, ~2x faster 4-bit products, but the output then moves by more than float rounding between "
+        "a tree forward and one-token decoding, and greedy tokens can differ at near ties",
+    )
+    parser.add_argument(
+        "--head-accuracy-level", type=int, choices=ACCURACY_LEVELS,
+        help="with --quantize: the LM head's accuracy_level (default 4 for an int8 head, else the decoder layers')",
     )
     parser.add_argument(
         "--config", default=DEFAULT_SPECULATIVE_CONFIG,
@@ -90,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
     if args.tensorrt and args.quantize != "none":
         raise SystemExit("--quantize writes ONNX Runtime's com.microsoft.MatMulNBits, which TensorRT cannot parse: "
                          "build TensorRT engines from a float export (without --quantize) in another --out DIR")
-    if args.quantize == "none" and (args.quantize_head is not None or args.gguf is not None):
-        raise SystemExit("--quantize-head and --gguf apply to a quantized export: add --quantize int4 (or int8)")
+    quantize_options = (args.quantize_head, args.gguf, args.accuracy_level, args.head_accuracy_level)
+    if args.quantize == "none" and any(option is not None for option in quantize_options):
+        raise SystemExit("--quantize-head, --gguf and the accuracy levels apply to a quantized export: add --quantize "
+                         "int4 (or int8)")
     if not args.engines_only:
         export_onnx(args)
     if args.tensorrt:
@@ -156,4 +163,5 @@ def quantization_spec(args: argparse.Namespace):
         gguf = None
     if gguf is not None and not Path(gguf).is_file():
         raise SystemExit(f"--gguf {gguf}: no such file")
-    return QuantizationSpec.from_options(args.quantize, args.quantize_head, gguf, args.accuracy_level)
+    return QuantizationSpec.from_options(args.quantize, args.quantize_head, gguf, args.accuracy_level,
+                                         args.head_accuracy_level)
