@@ -6,12 +6,13 @@
 Without a CUDA GPU it says so and exits 0 (CI has none). On a GPU, with random weights (latency does not depend on
 weight values):
   1. the Triton verification kernel and the batched verifier against the reference on random trees, every rule;
-  2. greedy identity of every method against plain generate, batch 1 and 3 with left padding (a tiny Llama pair);
+  2. greedy identity of every method against plain generate, batch 1 and 3 with left padding (a tiny Llama pair, with a
+     standalone and with a feature-conditioned draft);
   3. a chi-square test of sampled first tokens against the enumerated target distribution (tiny Llama, vocab 12);
   4. host reads per steady-state step (torch.cuda.set_sync_debug_mode counts what the step waits for);
-  5. a 7B-shaped bf16 Llama target with a 2-layer draft (same width, shared embeddings and head): the step split
-     (draft / target / verify / other, ms per step) and tokens/s against plain generate and HF assisted generation,
-     batch 1 and 8.
+  5. a 7B-shaped bf16 Llama target with a 2-layer draft (same width, shared embeddings and head) and with a 1-layer
+     feature-conditioned draft (EAGLE-shaped): the step split (draft / target / verify / other, ms per step) and
+     tokens/s against plain generate and HF assisted generation, batch 1 and 8.
 Results print as they come and go to OUT/gpu_check.json.
 """
 
@@ -69,20 +70,25 @@ def tiny_pair(vocab: int = 96):
 
 
 def check_greedy_identity(results: dict) -> None:
+    from feature_fixtures import feature_draft_for, predictable_target
     from tiny_models import left_padded_prompts
 
     from hf_specdec import speculative_generate
 
-    target, draft = tiny_pair()
+    standalone = tiny_pair()
+    feature_target = predictable_target("llama").to(DEVICE)
+    feature_target.generation_config.eos_token_id = None
+    pairs = {"standalone": standalone, "feature": (feature_target, feature_draft_for(feature_target).to(DEVICE))}
     failures = []
-    for batch in (1, 3):
-        inputs = {k: v.to(DEVICE) for k, v in left_padded_prompts([2 * r for r in range(batch)], 9, 96, seed=7).items()}
-        reference = target.generate(**inputs, do_sample=False, max_new_tokens=48, pad_token_id=0)
-        for method in METHODS:
-            out = target.generate(**inputs, do_sample=False, max_new_tokens=48, pad_token_id=0,
-                                  custom_generate=speculative_generate, draft_model=draft, speculative_config=method)
-            if not torch.equal(out, reference):
-                failures.append(f"{method} batch {batch}")
+    for kind, (target, draft) in pairs.items():
+        for batch in (1, 3):
+            inputs = {k: v.to(DEVICE) for k, v in left_padded_prompts([2 * r for r in range(batch)], 9, 96, seed=7).items()}
+            reference = target.generate(**inputs, do_sample=False, max_new_tokens=48, pad_token_id=0)
+            for method in METHODS:
+                out = target.generate(**inputs, do_sample=False, max_new_tokens=48, pad_token_id=0,
+                                      custom_generate=speculative_generate, draft_model=draft, speculative_config=method)
+                if not torch.equal(out, reference):
+                    failures.append(f"{kind} draft, {method}, batch {batch}")
     log(results, "greedy identity failures", failures)
 
 
@@ -146,19 +152,25 @@ def check_host_syncs(results: dict) -> None:
         SpeculativeDecoder._step = step
 
 
-def big_pair():
+def big_models():
+    """A 7B-shaped target, a 2-layer standalone draft sharing its embeddings and head, and a 1-layer feature draft
+    with a 8192-token head (random weights: latency does not depend on them)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_specdec.feature_draft import FeatureDraftConfig, FeatureDraftForCausalLM
 
     shape = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                  num_key_value_heads=32, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=None)
     with torch.device("cuda"):
         target = LlamaForCausalLM(LlamaConfig(num_hidden_layers=32, **shape)).to(torch.bfloat16).eval()
         draft = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **shape)).to(torch.bfloat16).eval()
+        feature = FeatureDraftForCausalLM(FeatureDraftConfig(num_hidden_layers=1, kept_token_ids=list(range(8192)),
+                                                             **shape)).to(torch.bfloat16).eval()
     draft.model.embed_tokens.weight = target.model.embed_tokens.weight
     draft.lm_head.weight = target.lm_head.weight
-    for model in (target, draft):
+    for model in (target, draft, feature):
         model.config._attn_implementation = "sdpa"
-    return target, draft
+    return target, draft, feature
 
 
 def timed(fn) -> tuple[float, object]:
@@ -172,7 +184,7 @@ def timed(fn) -> tuple[float, object]:
 def check_speed(results: dict, new_tokens: int) -> None:
     from hf_specdec import speculative_generate
 
-    target, draft = big_pair()
+    target, draft, feature = big_models()
     for batch in (1, 8):
         prompt = torch.randint(3, 32000, (batch, 128), device=DEVICE)
         common = dict(max_new_tokens=new_tokens, pad_token_id=0, do_sample=False)
@@ -183,13 +195,14 @@ def check_speed(results: dict, new_tokens: int) -> None:
         if batch == 1:  # HF assisted generation is batch-1 only
             seconds, _ = timed(lambda: target.generate(prompt, assistant_model=draft, **common))
             rows["HF assisted"] = new_tokens / seconds
-        for method in ("sd:l=4", "rsd-s:w=4,d=4"):
-            speculative = dict(custom_generate=speculative_generate, draft_model=draft, speculative_config=method,
-                               return_dict_in_generate=True)
-            timed(lambda: target.generate(prompt, **common, **speculative))
-            seconds, out = timed(lambda: target.generate(prompt, **common, **speculative))
-            rows[method] = batch * new_tokens / seconds
-            log(results, f"step split batch {batch} {method}", out.speculative_stats.summary())
+        for name, model in (("standalone", draft), ("feature", feature)):
+            for method in ("sd:l=4", "rsd-s:w=4,d=4"):
+                speculative = dict(custom_generate=speculative_generate, draft_model=model, speculative_config=method,
+                                   return_dict_in_generate=True)
+                timed(lambda: target.generate(prompt, **common, **speculative))
+                seconds, out = timed(lambda: target.generate(prompt, **common, **speculative))
+                rows[f"{method} ({name} draft)"] = batch * new_tokens / seconds
+                log(results, f"step split batch {batch} {method} ({name} draft)", out.speculative_stats.summary())
         plain = rows["plain generate"]
         log(results, f"tokens/s batch {batch} (ratio to plain)", {k: f"{v:.1f} ({v / plain:.2f}x)" for k, v in rows.items()})
 

@@ -20,7 +20,8 @@ from hf_specdec.config import SpeculativeConfig
 
 # "ar-loop": plain autoregressive decoding through hf_specdec's own loop and backend (speculative_config="ar"), which
 # separates what the backend's kernels gain from what speculation gains
-METHODS = ("ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s")
+# "auto": the planner's pick at each generate call (it learns from the runs before it; plain decoding where no tree pays)
+METHODS = ("ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto")
 # "llama.cpp": plain decoding of the target's GGUF through llama-cpp-python (`hf_specdec.llama_cpp_runner`): the
 # reference for the int4 ONNX Runtime rows (`--quantize int4`); it runs "ar" only
 BACKENDS = ("pytorch", "onnxruntime", "llama.cpp")
@@ -84,6 +85,7 @@ class Record:
     backend: str = "pytorch"
     draft: str = ""
     weights: str = ""
+    ran: str = ""  # auto: the configs it ran (one per prompt, distinct, in order)
     step_ms: float = float("nan")  # measured: decoding time per target call (our loop; HF's: per forward)
     predicted_step_ms: float = float("nan")  # the planner's prediction, made before the setting ran
     log_likelihoods: list[float] = field(default_factory=list, repr=False)  # per prompt, mean per token
@@ -116,6 +118,9 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted
                 elif method == "ar-loop":
                     if backend == "pytorch":  # on other backends "ar" already runs through the loop
                         settings.append(Setting("ar-loop", "ar", 0, temperature, 0))
+                elif method == "auto":
+                    if backend == "pytorch":  # the planner needs the PyTorch models
+                        settings += [Setting("auto", "auto", 0, temperature, 0, draft=draft) for draft in drafts]
                 elif method == "hf-assisted":
                     if backend != "pytorch" or assistant is None:
                         continue
@@ -272,7 +277,7 @@ class Bench:
     def run(self, setting: Setting, progress=None) -> Record:
         predicted = self.predicted_step_ms(setting)
         tokens, seconds, target_calls, draft_calls = 0, 0.0, 0, 0
-        decode_seconds = 0.0
+        decode_seconds, ran = 0.0, []
         log_likelihoods = []
         draft = self.drafts.get(setting.draft)  # None for plain decoding
         for index, input_ids in enumerate(self.prompt_ids):
@@ -287,6 +292,8 @@ class Bench:
             target_calls += stats.target_calls if stats is not None else target_counter.calls
             draft_calls += stats.draft_calls if stats is not None else draft_counter.calls
             decode_seconds += (stats.time_total - stats.time_prefill) if stats is not None else float("nan")
+            if setting.method == "auto":
+                ran.append(stats.config)
             log_likelihoods.append(mean_log_likelihood(self.target, input_ids[0], sequence[0]))
             if progress is not None:
                 progress.update(1)
@@ -312,6 +319,7 @@ class Bench:
             seconds=seconds,
             target_calls=target_calls,
             draft_calls=draft_calls,
+            ran=", ".join(dict.fromkeys(ran)),
             step_ms=1e3 * decode_seconds / max(target_calls, 1),
             predicted_step_ms=predicted,
             log_likelihoods=log_likelihoods,

@@ -21,7 +21,7 @@ def records():
     target.generation_config.eos_token_id = None
     drafts = {"feature": tiny_feature_draft(target), "standalone": perturbed_copy(target, noise=0.05)}
     bench = Bench(target, drafts, character_tokenizer(), ["abc", "hello world"], max_new_tokens=12, predict=False)
-    settings = settings_for(["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s"], [6, 10], [1.0, 0.0],
+    settings = settings_for(["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto"], [6, 10], [1.0, 0.0],
                             drafts=["feature", "standalone"], assistant="standalone")
     out = [bench.run(setting) for setting in settings]
     relate_to_plain(out)
@@ -30,16 +30,17 @@ def records():
 
 def test_every_setting_is_measured(records):
     methods = {r.method for r in records}
-    assert methods == {"ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s"}
+    assert methods == {"ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto"}
     for r in records:
         assert r.generated_tokens == 24 and r.tokens_per_s > 0 and r.target_calls > 0
-        assert 1.0 <= r.block_efficiency <= r.budget + 1 or r.method == "ar"
+        assert 1.0 <= r.block_efficiency <= r.budget + 1 or r.method in ("ar", "auto")
         assert r.mbsu <= r.block_efficiency
     assert all(r.block_efficiency == 1.0 for r in records if r.method in ("ar", "ar-loop"))
     assert {(r.budget, r.draft) for r in records if r.method == "rsd-s"} == {
         (b, d) for b in (6, 10) for d in ("feature", "standalone")}
     assert {r.draft for r in records if r.method == "hf-assisted"} == {"standalone"}
     assert all(r.draft == "" and r.draft_calls == 0 for r in records if r.method in ("ar", "ar-loop"))
+    assert all(r.ran for r in records if r.method == "auto") and not any(r.ran for r in records if r.method != "auto")
 
 
 def test_greedy_accuracy_is_exactly_one(records):

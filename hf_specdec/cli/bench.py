@@ -45,10 +45,14 @@ def add_parser(subparsers) -> None:
                         help="the target's GGUF file, for the llama.cpp rows (and the weights of an export made with "
                         "--quantize); default: the packaged SmolLM2 Q4_1 GGUF for the embedded target")
     parser.add_argument("--model-dir", type=Path, help="ONNX export of the pair for --backends onnxruntime")
-    parser.add_argument("--methods", type=_csv_list(str), default=["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s"],
+    parser.add_argument("--methods", type=_csv_list(str), default=["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto"],
                         help="ar (plain generate), ar-loop (plain decoding through hf_specdec's loop and kernels), "
+                        "auto (the planner's pick, which learns from the runs before it), "
                         "hf-assisted, sd, spectr, rsd-c, rsd-s")
     parser.add_argument("--budgets", type=_csv_list(int), default=FULL["budgets"], help="draft tokens the target scores per step")
+    parser.add_argument("--assistant-tokens", type=_csv_list(int),
+                        help="HF assisted generation's num_assistant_tokens to sweep (default 1-8; --quick: 3), besides "
+                        "its own defaults")
     parser.add_argument("--temperatures", type=_csv_list(float), default=[1.0, 0.0], help="0 = greedy")
     parser.add_argument("--prompts", type=int, default=FULL["prompts"], help="held-out prompts")
     parser.add_argument("--max-new-tokens", type=int, default=FULL["max_new_tokens"])
@@ -77,7 +81,8 @@ COLUMNS = ("backend", "weights", "method", "draft", "config", "budget", "tempera
 def format_table(records) -> str:
     rows = [COLUMNS + ("accuracy 95% CI",)]
     for r in records:
-        rows.append((r.backend, r.weights or "-", r.method, r.draft or "-", r.config, str(r.budget), f"{r.temperature:g}", f"{r.block_efficiency:.2f}",
+        config = f"{r.config} (ran {r.ran})" if r.ran else r.config
+        rows.append((r.backend, r.weights or "-", r.method, r.draft or "-", config, str(r.budget), f"{r.temperature:g}", f"{r.block_efficiency:.2f}",
                      f"{r.mbsu:.2f}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x", f"{r.accuracy:.3f}",
                      f"{r.step_ms:.1f}", f"{r.predicted_step_ms:.1f}",
                      f"[{r.accuracy_ci[0]:.3f}, {r.accuracy_ci[1]:.3f}]"))
@@ -281,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
             if getattr(args, name) == FULL[name]:  # an option the user did not set
                 setattr(args, name, value)
         assisted_tokens = (3,)
+    if args.assistant_tokens:
+        assisted_tokens = tuple(args.assistant_tokens)
     methods = list(args.methods)
     if "ar" not in methods:
         methods.insert(0, "ar")  # speedup and accuracy are relative to plain generate
