@@ -1,8 +1,8 @@
 """How well a draft matches its target, and what it costs: the two numbers that decide speculative speed-up.
 
 Measured on held-out continuations: the target continues held-out ShareGPT prompts (sampled at temperature 1, and
-greedily), generated once and stored (`HeldoutSample`: tokens and the target's LM-head input at every generated
-position, so p is exact).
+greedily), generated once and stored (`hf_specdec.teacher.target_continuations`: tokens and the target's LM-head
+input at every generated position, so p is exact).
 - alpha = E[sum_x min(p(x), q(x))], the probability that one drafted token is accepted by speculative sampling
   (Leviathan et al. 2023), with p and q over the full vocabulary (q = 0 outside a reduced-vocabulary draft).
 - greedy agreement: argmax p == argmax q on the target's own greedy continuations.
@@ -17,101 +17,24 @@ position, so p is exact).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from hf_specdec.data import heldout_prompts
 from hf_specdec.distill import feature_unrolled
 from hf_specdec.feature_draft import reads_target_features, timing_inputs
-from hf_specdec.teacher import lm_head_inputs
+from hf_specdec.teacher import Continuation, lm_head_inputs, target_continuations
 
 CHAIN_LENGTHS = (1, 2, 3, 4, 5, 6, 8)
 COST_TOKENS = (1, 8, 32)
 FEATURE_DEPTHS = 4  # tree depths a feature draft is measured at
 
 
-# ------------------------------------------------------------------------------------------------ held-out data
-@dataclass
-class HeldoutSample:
-    """One target continuation: `token_ids` = prompt + generated tokens (EOS included when reached).
-
-    Row t of `hidden` is the target's LM-head input for generated token t (position `prompt_len + t` given
-    `token_ids[: prompt_len + t]`): p = softmax(lm_head(hidden[t])).
-    """
-
-    token_ids: torch.Tensor  # int32 [prompt_len + generated]
-    prompt_len: int
-    hidden: torch.Tensor  # float32 [generated, hidden_size]
-
-    @property
-    def generated_len(self) -> int:
-        return len(self.token_ids) - self.prompt_len
-
-
-@torch.no_grad()
-def generate_continuations(target, tokenizer, prompts: list[str], max_new_tokens: int, greedy: bool) -> list[HeldoutSample]:
-    """Continue `prompts` with `target` (plain temperature-1 sampling, or greedy), recording the LM-head input at every
-    generated position."""
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    recorded = []
-    hook = target.get_output_embeddings().register_forward_hook(
-        lambda module, inputs, output: recorded.append(inputs[0][:, -1].float()))
-    try:
-        # no top-k / top-p warper, so the sampled p is exactly the head's softmax
-        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-        sequences = target.generate(**batch, **sampling, max_new_tokens=max_new_tokens,
-                                    pad_token_id=tokenizer.pad_token_id)
-    finally:
-        hook.remove()
-    padded_prompt_len = batch.input_ids.shape[1]
-    hidden = torch.stack(recorded, dim=1)  # one head call per generated token
-    eos = target.generation_config.eos_token_id
-    stop_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []))
-    samples = []
-    for row, prompt_mask in enumerate(batch.attention_mask.bool()):
-        prompt = sequences[row, :padded_prompt_len][prompt_mask]
-        generated = sequences[row, padded_prompt_len:]
-        stops = torch.isin(generated, stop_ids).nonzero()
-        length = int(stops[0]) + 1 if len(stops) else len(generated)
-        samples.append(HeldoutSample(torch.cat([prompt, generated[:length]]).to(torch.int32), len(prompt),
-                                     hidden[row, :length].clone()))
-    return samples
-
-
-def heldout_continuations(target, tokenizer, prompts: list[str], out_dir: Path, batch_size: int, max_new_tokens: int,
-                          seed: int, greedy: bool) -> list[HeldoutSample]:
-    """`generate_continuations` for all `prompts`, one file per batch in `out_dir`; batches already there are
-    reused (a resumed run samples exactly what the first run would have)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ordered = sorted(prompts, key=len)  # similar lengths share a batch: less left padding
-    samples = []
-    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-    for index, batch in enumerate(tqdm(batches, desc="held-out continuations", unit="batch")):
-        path = out_dir / f"batch-{index:05d}.pt"
-        recipe = {"prompts": batch, "max_new_tokens": max_new_tokens, "greedy": greedy, "seed": seed + index}
-        if path.exists():
-            saved = torch.load(path)
-            if saved["recipe"] != recipe:
-                raise ValueError(f"{path} was generated with other prompts or settings: use another output directory")
-            samples.extend(HeldoutSample(**fields) for fields in saved["samples"])
-            continue
-        torch.manual_seed(recipe["seed"])
-        generated = generate_continuations(target, tokenizer, batch, max_new_tokens, greedy)
-        staging = path.with_suffix(".tmp")
-        torch.save({"recipe": recipe, "samples": [vars(sample) for sample in generated]}, staging)
-        staging.replace(path)  # a killed run never leaves half a batch behind
-        samples.extend(generated)
-    return samples
-
-
 # ------------------------------------------------------------------------------------------------ acceptance
 @torch.no_grad()
-def draft_log_probs(draft, target, sample: HeldoutSample) -> list[torch.Tensor]:
+def draft_log_probs(draft, target, sample: Continuation) -> list[torch.Tensor]:
     """log q at the sample's generated positions [generated, V], one tensor per depth (a standalone draft: one)."""
     tokens = sample.token_ids[None].long()
     positions = torch.arange(sample.prompt_len - 1, len(sample.token_ids) - 1)
@@ -123,7 +46,7 @@ def draft_log_probs(draft, target, sample: HeldoutSample) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def acceptance(draft, target, samples: list[HeldoutSample]) -> dict:
+def acceptance(draft, target, samples: list[Continuation]) -> dict:
     """alpha, top-1 agreement and the share of p inside the draft's support, averaged over all generated positions;
     for a feature draft per depth (`*_by_depth`), depth d counted at positions with d - 1 generated tokens before."""
     head = target.get_output_embeddings()
@@ -193,7 +116,7 @@ def evaluate_draft(target, draft, tokenizer, data_dir: Path, prompts: int, max_n
     """Acceptance on held-out prompts (continuations generated once into `data_dir`) and relative cost."""
     prompt_texts = heldout_prompts(prompts, tokenizer)
     sampled, greedy = (
-        acceptance(draft, target, heldout_continuations(target, tokenizer, prompt_texts, data_dir / kind, batch_size,
+        acceptance(draft, target, target_continuations(target, tokenizer, prompt_texts, data_dir / kind, batch_size,
                                                         max_new_tokens, seed, greedy=kind == "greedy"))
         for kind in ("sampled", "greedy")
     )

@@ -129,9 +129,39 @@ def build_teacher_data(target, tokenizer, out_dir: Path, positions: int, max_tok
                        log=print) -> "TeacherData":
     """Write (or complete) the teacher data for `positions` positions into `out_dir`; returns it opened. `chats`:
     the conversations to read (default: the ShareGPT train split, `hf_specdec.data.train_conversations`)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     recipe = _recipe(target, tokenizer, max_tokens, positions, shard_positions)
+    _check_recipe(Path(out_dir), recipe)
+    conversations = plan_conversations(tokenizer, max_tokens, positions,
+                                       train_conversations() if chats is None else chats)
+    return _teacher_force(target, Path(out_dir), recipe, conversations, shard_positions, log)
+
+
+def build_generated_teacher_data(target, tokenizer, out_dir: Path, prompts: int, max_new_tokens: int = 192,
+                                 max_prompt_tokens: int = 128, batch_size: int = 64, seed: int = 0,
+                                 shard_positions: int = 65536, log=print) -> "TeacherData":
+    """Teacher data on the target's own text: it continues the first `prompts` train-split prompts (plain
+    temperature-1 sampling), and then reads each prompt + continuation once like a conversation, the continuation
+    being the assistant turn. A small target writes text unlike ShareGPT's (simpler, more repetitive), and that is
+    the text a draft meets when it drafts for it. Continuations are generated in batches saved under
+    `out_dir/generated/` (resumable, as the shards)."""
+    from hf_specdec.data import train_prompts
+
+    recipe = {**_recipe(target, tokenizer, max_prompt_tokens + max_new_tokens, 0, shard_positions),
+              "source": "target continuations", "prompts": prompts, "max_new_tokens": max_new_tokens,
+              "max_prompt_tokens": max_prompt_tokens, "batch_size": batch_size, "seed": seed}
+    _check_recipe(Path(out_dir), recipe)
+    texts = train_prompts(prompts, tokenizer, max_prompt_tokens)
+    samples = target_continuations(target, tokenizer, texts, Path(out_dir) / "generated", batch_size, max_new_tokens,
+                                   seed, greedy=False)
+    conversations = []
+    for sample in samples:
+        assistant = torch.zeros(len(sample.token_ids), dtype=torch.bool)
+        assistant[sample.prompt_len:] = True
+        conversations.append(Conversation(sample.token_ids, assistant))
+    return _teacher_force(target, Path(out_dir), recipe, conversations, shard_positions, log)
+
+
+def _check_recipe(out_dir: Path, recipe: dict) -> None:
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
         saved = json.loads(manifest_path.read_text())
@@ -139,14 +169,18 @@ def build_teacher_data(target, tokenizer, out_dir: Path, positions: int, max_tok
             raise ValueError(
                 f"{out_dir} holds teacher data made with another recipe ({saved['recipe']}): use another directory"
             )
-    conversations = plan_conversations(tokenizer, max_tokens, positions,
-                                       train_conversations() if chats is None else chats)
+
+
+def _teacher_force(target, out_dir: Path, recipe: dict, conversations: list[Conversation], shard_positions: int,
+                   log) -> "TeacherData":
+    """The target reads every conversation once; shards of whole conversations, those already there reused."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     shards = shard_plan(conversations, shard_positions)
     manifest = {"recipe": recipe, "shards": [f"shard-{i:05d}.safetensors" for i in range(len(shards))],
                 "conversations": len(conversations),
                 "positions": sum(len(c.tokens) for c in conversations),
                 "assistant_positions": int(sum(int(c.assistant.sum()) for c in conversations))}
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     missing = [i for i, name in enumerate(manifest["shards"]) if not (out_dir / name).exists()]
     todo = sum(len(conversations[c].tokens) for i in missing for c in shards[i])
     hidden = target.config.get_text_config().hidden_size
@@ -170,6 +204,81 @@ def build_teacher_data(target, tokenizer, out_dir: Path, positions: int, max_tok
         elapsed = time.perf_counter() - started
         log(f"teacher data: {todo:,} positions in {elapsed / 60:.1f} minutes ({todo / elapsed:.0f} positions/s)")
     return TeacherData(out_dir)
+
+
+# ------------------------------------------------------------------------------------------------ continuations
+@dataclass
+class Continuation:
+    """One target continuation: `token_ids` = prompt + generated tokens (EOS included when reached).
+
+    Row t of `hidden` is the target's LM-head input for generated token t (position `prompt_len + t` given
+    `token_ids[: prompt_len + t]`): p = softmax(lm_head(hidden[t])).
+    """
+
+    token_ids: torch.Tensor  # int32 [prompt_len + generated]
+    prompt_len: int
+    hidden: torch.Tensor  # float32 [generated, hidden_size]
+
+    @property
+    def generated_len(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+
+@torch.no_grad()
+def generate_continuations(target, tokenizer, prompts: list[str], max_new_tokens: int, greedy: bool) -> list[Continuation]:
+    """Continue `prompts` with `target` (plain temperature-1 sampling, or greedy), recording the LM-head input at every
+    generated position."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    recorded = []
+    hook = target.get_output_embeddings().register_forward_hook(
+        lambda module, inputs, output: recorded.append(inputs[0][:, -1].float()))
+    try:
+        # no top-k / top-p warper, so the sampled p is exactly the head's softmax
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+        sequences = target.generate(**batch, **sampling, max_new_tokens=max_new_tokens,
+                                    pad_token_id=tokenizer.pad_token_id)
+    finally:
+        hook.remove()
+    padded_prompt_len = batch.input_ids.shape[1]
+    hidden = torch.stack(recorded, dim=1)  # one head call per generated token
+    eos = target.generation_config.eos_token_id
+    stop_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []))
+    samples = []
+    for row, prompt_mask in enumerate(batch.attention_mask.bool()):
+        prompt = sequences[row, :padded_prompt_len][prompt_mask]
+        generated = sequences[row, padded_prompt_len:]
+        stops = torch.isin(generated, stop_ids).nonzero()
+        length = int(stops[0]) + 1 if len(stops) else len(generated)
+        samples.append(Continuation(torch.cat([prompt, generated[:length]]).to(torch.int32), len(prompt),
+                                    hidden[row, :length].clone()))
+    return samples
+
+
+def target_continuations(target, tokenizer, prompts: list[str], out_dir: Path, batch_size: int, max_new_tokens: int,
+                         seed: int, greedy: bool) -> list[Continuation]:
+    """`generate_continuations` for all `prompts`, one file per batch in `out_dir`; batches already there are
+    reused (a resumed run samples exactly what the first run would have)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ordered = sorted(prompts, key=len)  # similar lengths share a batch: less left padding
+    samples = []
+    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    for index, batch in enumerate(tqdm(batches, desc="target continuations", unit="batch")):
+        path = out_dir / f"batch-{index:05d}.pt"
+        recipe = {"prompts": batch, "max_new_tokens": max_new_tokens, "greedy": greedy, "seed": seed + index}
+        if path.exists():
+            saved = torch.load(path)
+            if saved["recipe"] != recipe:
+                raise ValueError(f"{path} was generated with other prompts or settings: use another output directory")
+            samples.extend(Continuation(**fields) for fields in saved["samples"])
+            continue
+        torch.manual_seed(recipe["seed"])
+        generated = generate_continuations(target, tokenizer, batch, max_new_tokens, greedy)
+        staging = path.with_suffix(".tmp")
+        torch.save({"recipe": recipe, "samples": [vars(sample) for sample in generated]}, staging)
+        staging.replace(path)  # a killed run never leaves half a batch behind
+        samples.extend(generated)
+    return samples
 
 
 @torch.no_grad()
@@ -240,6 +349,15 @@ class TeacherData:
     @property
     def hidden_size(self) -> int:
         return int(self.manifest["recipe"]["target_config"]["hidden_size"])
+
+    def __add__(self, other: "TeacherData") -> "TeacherData":
+        if other.hidden_size != self.hidden_size:
+            raise ValueError(f"teacher data of hidden sizes {self.hidden_size} and {other.hidden_size} do not mix")
+        both = object.__new__(TeacherData)
+        both.directory, both.manifest = self.directory, {**self.manifest, "positions": self.positions + other.positions}
+        both._shards = self._shards + other._shards
+        both._index = self._index + [(shard + len(self._shards), c) for shard, c in other._index]
+        return both
 
     @property
     def positions(self) -> int:

@@ -198,11 +198,11 @@ def heldout(target, tmp_path_factory):
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("heldout")
-    return draft_quality.heldout_continuations(target, tiny_tokenizer(), prompts(12), out, batch_size=5,
+    return teacher.target_continuations(target, tiny_tokenizer(), prompts(12), out, batch_size=5,
                                                max_new_tokens=10, seed=0, greedy=False)
 
 
-def test_heldout_continuations_record_the_exact_target_distribution_and_are_reused(target, heldout, tmp_path):
+def test_target_continuations_record_the_exact_target_distribution_and_are_reused(target, heldout, tmp_path):
     from draft_fixtures import EOS_ID, prompts, tiny_tokenizer
 
     head = target.get_output_embeddings()
@@ -213,11 +213,11 @@ def test_heldout_continuations_record_the_exact_target_distribution_and_are_reus
             logits = target(sample.token_ids[None].long()).logits[0]
         positions = torch.arange(sample.prompt_len - 1, len(sample.token_ids) - 1)
         torch.testing.assert_close(head(sample.hidden), logits[positions], atol=1e-4, rtol=1e-4)
-    first = draft_quality.heldout_continuations(target, tiny_tokenizer(), prompts(3), tmp_path, 2, 6, 0, greedy=False)
-    again = draft_quality.heldout_continuations(None, tiny_tokenizer(), prompts(3), tmp_path, 2, 6, 0, greedy=False)
+    first = teacher.target_continuations(target, tiny_tokenizer(), prompts(3), tmp_path, 2, 6, 0, greedy=False)
+    again = teacher.target_continuations(None, tiny_tokenizer(), prompts(3), tmp_path, 2, 6, 0, greedy=False)
     assert [s.token_ids.tolist() for s in again] == [s.token_ids.tolist() for s in first]
     with pytest.raises(ValueError, match="other prompts or settings"):
-        draft_quality.heldout_continuations(None, tiny_tokenizer(), prompts(3, seed=1), tmp_path, 2, 6, 0, greedy=False)
+        teacher.target_continuations(None, tiny_tokenizer(), prompts(3, seed=1), tmp_path, 2, 6, 0, greedy=False)
 
 
 def test_a_draft_equal_to_its_target_is_always_accepted(target, heldout):
@@ -235,10 +235,33 @@ def test_a_feature_draft_equal_to_its_target_is_accepted_at_every_depth(tmp_path
     from draft_fixtures import prompts, tiny_tokenizer
 
     target, draft = exact_feature_pair(vocab_size=VOCAB_SIZE)
-    samples = draft_quality.heldout_continuations(target, tiny_tokenizer(), prompts(4), tmp_path, 4, 8, 0, greedy=True)
+    samples = teacher.target_continuations(target, tiny_tokenizer(), prompts(4), tmp_path, 4, 8, 0, greedy=True)
     stats = draft_quality.acceptance(draft, target, samples)
     assert len(stats["alpha_by_depth"]) == draft_quality.FEATURE_DEPTHS
     assert stats["alpha_by_depth"] == pytest.approx([1.0] * draft_quality.FEATURE_DEPTHS, abs=1e-4)
     assert stats["top1_agreement_by_depth"] == [1.0] * draft_quality.FEATURE_DEPTHS
     cost = draft_quality.relative_cost(draft, target, token_counts=(1,), past_len=8)
     json.dumps(cost)
+
+
+def test_teacher_data_on_the_targets_own_continuations(target, teacher_data, tmp_path, monkeypatch):
+    """The target continues train prompts and reads prompt + continuation back: the continuation is the assistant
+    turn, its features are the target's; it mixes with the ShareGPT data (`+`) for training."""
+    from draft_fixtures import prompts, tiny_tokenizer
+
+    monkeypatch.setattr(data, "train_prompts", lambda n, tokenizer, max_tokens: prompts(n))
+    torch.manual_seed(0)
+    generated = teacher.build_generated_teacher_data(target, tiny_tokenizer(), tmp_path, prompts=6, max_new_tokens=8,
+                                                     batch_size=4, log=lambda *args: None)
+    assert len(generated) == 6
+    head = target.get_output_embeddings()
+    for i in range(len(generated)):
+        sequence = generated[i]
+        prompt_len = len(sequence.tokens) - int(sequence.assistant.sum())
+        assert not sequence.assistant[:prompt_len].any() and 1 <= int(sequence.assistant.sum()) <= 8
+        with torch.no_grad():
+            logits = target(sequence.tokens[None].long()).logits[0]
+            torch.testing.assert_close(head(sequence.features.float()), logits, atol=2e-2, rtol=1e-2)
+    both = teacher_data + generated
+    assert len(both) == len(teacher_data) + 6 and both.lengths()[-6:] == generated.lengths()
+    assert torch.equal(both[len(teacher_data)].tokens, generated[0].tokens)

@@ -41,6 +41,13 @@ def add_parser(subparsers) -> None:
     data.add_argument("--teacher-dir", default=DEFAULT_TEACHER_DIR, help="where the teacher data is (or is built)")
     data.add_argument("--positions", type=int, default=2_000_000, help="teacher positions (tokens) to store")
     data.add_argument("--max-tokens", type=int, default=1024, help="conversations are cut at this many tokens")
+    data.add_argument("--generated-prompts", type=int, default=1200,
+                      help="also the target's own continuations of this many train prompts (sampled at temperature "
+                      "1, read back by teacher forcing into TEACHER_DIR-generated): the text a draft meets when it "
+                      "drafts for this target; 0: none")
+    data.add_argument("--generated-new-tokens", type=int, default=192, help="length of those continuations")
+    data.add_argument("--generated-repeats", type=int, default=3,
+                      help="how many times each continuation counts per epoch (they are few beside ShareGPT's)")
     draft = parser.add_argument_group("draft")
     draft.add_argument("--vocab-size", type=int, default=8192, help="tokens the draft can propose")
     draft.add_argument("--layers", help="standalone: target layers copied into the draft, in order (default 0,1); "
@@ -74,7 +81,7 @@ def run(args) -> int:
 
     from hf_specdec import distill
     from hf_specdec.draft_quality import evaluate_draft
-    from hf_specdec.teacher import build_teacher_data
+    from hf_specdec.teacher import build_generated_teacher_data, build_teacher_data
 
     torch.set_num_threads(args.threads)
     target, tokenizer = _load_target(args.target)
@@ -95,6 +102,11 @@ def run(args) -> int:
     if checkpoint.exists() and not args.resume:
         raise SystemExit(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
     data = build_teacher_data(target, tokenizer, Path(args.teacher_dir), args.positions, args.max_tokens)
+    if args.generated_prompts:
+        generated = build_generated_teacher_data(target, tokenizer, Path(f"{args.teacher_dir}-generated"),
+                                                 args.generated_prompts, args.generated_new_tokens, seed=args.seed)
+        for _ in range(args.generated_repeats):
+            data = data + generated
     if args.resume and checkpoint.exists():
         draft = distill.draft_from_checkpoint(checkpoint)
     else:
