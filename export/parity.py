@@ -34,24 +34,33 @@ def random_features(backend: ModelBackend, prompt: torch.Tensor, tree: DraftTree
 
 
 @torch.no_grad()
-def tree_logits(backend: ModelBackend, prompt: torch.Tensor, prompt_mask: torch.Tensor, tree: DraftTree,
-                features: torch.Tensor | None = None) -> torch.Tensor:
-    """Prefill all but the last prompt token, then score the tree (its root is the last token): logits [B, N, V].
-    `features` [B, P - 1 + N, H]: what a feature draft reads with the prompt tokens, then with the tree's nodes."""
+def run_tree(backend: ModelBackend, prompt: torch.Tensor, prompt_mask: torch.Tensor, tree: DraftTree,
+             features: torch.Tensor | None = None, return_features: bool = False):
+    """Prefill all but the last prompt token, then score the tree (its root is the last token), as the loop lays them
+    out. `features` [B, P - 1 + N, H]: what a feature draft reads with the prompt tokens, then with the tree's nodes.
+    Returns (the prefill's features or None, the tree's `Forward`)."""
     valid = prompt_mask[:, :-1].bool()
     positions = torch.where(valid, valid.long().cumsum(1) - 1, 1)
     layout = CacheLayout(len(prompt), prompt.device)
     backend.reset(len(prompt), prompt_mask.sum(1))
     slots = layout.append(valid, positions)
     past = prompt.shape[1] - 1
-    backend.prefill(prompt[:, :-1], positions, layout.mask(slots), layout.positions,
-                    **({} if features is None else {"features": features[:, :past]}))
+    prefilled = backend.prefill(prompt[:, :-1], positions, layout.mask(slots), layout.positions,
+                                features=None if features is None else features[:, :past],
+                                return_features=return_features)
     size = tree.size
     nodes = torch.arange(size).expand(len(prompt), size)
     node_positions = valid.sum(1, keepdim=True) + tree.depths[:, :size]
     slots = layout.append(tree.valid[:, :size], node_positions, torch.where(nodes == 0, -1, nodes))
-    return backend.forward(tree.tokens[:, :size], node_positions, layout.mask(slots, tree.ancestors),
-                           layout.positions, **({} if features is None else {"features": features[:, past:]})).logits
+    out = backend.forward(tree.tokens[:, :size], node_positions, layout.mask(slots, tree.ancestors), layout.positions,
+                          features=None if features is None else features[:, past:], return_features=return_features)
+    return prefilled, out
+
+
+def tree_logits(backend: ModelBackend, prompt: torch.Tensor, prompt_mask: torch.Tensor, tree: DraftTree,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+    """`run_tree`'s logits [B, N, V]."""
+    return run_tree(backend, prompt, prompt_mask, tree, features)[1].logits
 
 
 def max_logit_error(reference: torch.Tensor, candidate: torch.Tensor) -> float:

@@ -54,6 +54,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from hf_specdec.export.manifest import sha256
+
 BLOCK_SIZE = 32
 BITS = {"int4": 4, "int8": 8}
 WEIGHT_SCHEMES = ("none", "int8", "int4")  # --quantize
@@ -312,7 +314,7 @@ class GgufWeights:
         field = reader.fields.get("general.architecture")
         self.architecture = bytes(field.parts[field.data[0]]).decode() if field is not None else None
         self.config = config
-        self.sha256 = _sha256(self.path)
+        self.sha256 = sha256(self.path)
 
     def blocks(self, parameters: list[str], k: int, n: int, dtype=np.float32) -> BlockQuantized | None:
         """The GGUF blocks of the weight named (any of) `parameters`, [K, N] once dequantized; None where the file
@@ -338,14 +340,6 @@ class GgufWeights:
         if ".attn_k." in name:
             heads = getattr(self.config, "num_key_value_heads", None) or heads
         return unpermute_rows(rows, heads)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- the graph pass

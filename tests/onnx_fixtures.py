@@ -69,17 +69,23 @@ MAX_NEW_TOKENS = 32  # tokens per forward in the tiny exports: small, so that lo
 
 
 def export_tiny_pair(tmp_path_factory, family: str) -> Path:
-    """The `tiny_pair` of `family`, exported. The gpt2 pair goes through the command line
-    (`hf-specdec export --target DIR --draft DIR` on saved models), the others through the Python API."""
+    """The `tiny_pair` of `family`, exported (see `_export_pair`)."""
     target, draft = tiny_pair(family)
+    return _export_pair(tmp_path_factory, family, target, draft, f"tiny {family} draft")
+
+
+def _export_pair(tmp_path_factory, name: str, target, draft, draft_source: str) -> Path:
+    """Export (target, draft) once per test run under `name`. The gpt2 pairs go through the command line
+    (`hf-specdec export --target DIR --draft DIR` on saved models), the others through the Python API."""
+    family = target.config.model_type
     tokenizer = word_tokenizer(target.config.vocab_size)
 
     def export_with_api(out: Path) -> None:
-        export_pair(target, draft, tokenizer, out, {"target": f"tiny {family}", "draft": f"tiny {family} draft"},
+        export_pair(target, draft, tokenizer, out, {"target": f"tiny {family}", "draft": draft_source},
                     max_new_tokens=MAX_NEW_TOKENS)
 
     def export_with_cli(out: Path) -> None:
-        source = tmp_path_factory.mktemp(f"{family}-source")
+        source = tmp_path_factory.mktemp(f"{name}-source")
         target.save_pretrained(source / "target")
         tokenizer.save_pretrained(source / "target")
         draft.save_pretrained(source / "draft")
@@ -87,7 +93,7 @@ def export_tiny_pair(tmp_path_factory, family: str) -> Path:
                      "--max-new-tokens", str(MAX_NEW_TOKENS)]
         assert cli_main(arguments) == 0
 
-    return export_once(tmp_path_factory, family, export_with_cli if family == "gpt2" else export_with_api)
+    return export_once(tmp_path_factory, name, export_with_cli if family == "gpt2" else export_with_api)
 
 
 def feature_pair(family: str):
@@ -100,24 +106,10 @@ def feature_pair(family: str):
 
 def export_feature_pair(tmp_path_factory, family: str) -> Path:
     """The `feature_pair` of `family`, exported (the target graph returns `hidden_states`, the draft graph reads
-    `features`). The gpt2 pair goes through the command line on saved models, the others through the Python API."""
+    `features`; see `_export_pair`)."""
     target, draft = feature_pair(family)
-    tokenizer = word_tokenizer(target.config.vocab_size)
-    sources = {"target": f"tiny {family}", "draft": f"tiny {family} feature draft"}
+    return _export_pair(tmp_path_factory, f"feature-{family}", target, draft, f"tiny {family} feature draft")
 
-    def export_with_api(out: Path) -> None:
-        export_pair(target, draft, tokenizer, out, sources, max_new_tokens=MAX_NEW_TOKENS)
-
-    def export_with_cli(out: Path) -> None:
-        source = tmp_path_factory.mktemp(f"{family}-feature-source")
-        target.save_pretrained(source / "target")
-        tokenizer.save_pretrained(source / "target")
-        draft.save_pretrained(source / "draft")
-        arguments = ["export", "--target", str(source / "target"), "--draft", str(source / "draft"), "--out", str(out),
-                     "--max-new-tokens", str(MAX_NEW_TOKENS)]
-        assert cli_main(arguments) == 0
-
-    return export_once(tmp_path_factory, f"feature-{family}", export_with_cli if family == "gpt2" else export_with_api)
 
 
 def export_quantized_pair(tmp_path_factory, name: str, target, draft, tokenizer, quantization, **options) -> Path:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from feature_fixtures import exact_feature_pair
 from onnx_fixtures import export_once
-from scipy.stats import chi2
+from statistics_helpers import chi_square_pvalue
 from tiny_models import perturbed_copy, tiny_model, word_tokenizer
 from transformers import GenerationConfig
 
@@ -127,18 +127,6 @@ def sample_joint(sample, draft: str, config: str, temperature: float, top_k: int
     new = sample(draft, config, temperature, top_k)
     index = (new[:, 0] * VOCAB + new[:, 1]) * VOCAB + new[:, 2]
     return torch.bincount(index, minlength=VOCAB**NEW_TOKENS).double()
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = probs.flatten() * counts.sum()
-    if (counts[expected == 0] > 0).any():
-        return 0.0  # a sequence the target can never produce
-    large = expected >= 5
-    observed = torch.cat([counts[large], counts[~large].sum()[None]])
-    expected = torch.cat([expected[large], expected[~large].sum()[None]])
-    keep = expected > 0
-    statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    return float(chi2.sf(statistic, df=int(keep.sum()) - 1))
 
 
 # the last shape of each method is a dynamic tree (q=: nodes grow children only while the draft reaches them with

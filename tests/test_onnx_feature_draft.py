@@ -27,12 +27,11 @@ from transformers import GenerationConfig
 
 from hf_specdec import SpeculativeConfig
 from hf_specdec.backends.hf import HFBackend
-from hf_specdec.cache_layout import CacheLayout
 from hf_specdec.cli import main as cli_main
 from hf_specdec.export.manifest import Manifest, ManifestError
 from hf_specdec.export.onnx_export import export_pair
 from hf_specdec.export.ort_backend import load_onnxruntime_pair
-from hf_specdec.export.parity import random_tree, tree_logit_error
+from hf_specdec.export.parity import random_tree, run_tree, tree_logit_error
 from hf_specdec.generation import decode
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "opt"]
@@ -78,25 +77,9 @@ def test_greedy_is_token_identical_to_pytorch(exported, method, batch):
 
 
 def run_prompt_and_tree(backend, prompt, prompt_mask, branching, features=None, return_features=False):
-    """Prefill all but the last prompt token, then one random tree on top of it (as `export.parity.tree_logits`):
-    (prefill features or None, the tree's `Forward`). `features` [B, P - 1 + N, H]: a feature draft's inputs."""
+    """`export.parity.run_tree` on one random tree of this `branching` (seeded by it)."""
     torch.manual_seed(len(branching))
-    tree = random_tree(prompt[:, -1], branching, VOCAB)
-    valid = prompt_mask[:, :-1].bool()
-    positions = torch.where(valid, valid.long().cumsum(1) - 1, 1)
-    layout = CacheLayout(len(prompt), prompt.device)
-    backend.reset(len(prompt), prompt_mask.sum(1))
-    slots = layout.append(valid, positions)
-    past = prompt.shape[1] - 1
-    prefilled = backend.prefill(prompt[:, :-1], positions, layout.mask(slots), layout.positions,
-                                features=None if features is None else features[:, :past], return_features=return_features)
-    size = tree.size
-    nodes = torch.arange(size).expand(len(prompt), size)
-    node_positions = valid.sum(1, keepdim=True) + tree.depths[:, :size]
-    slots = layout.append(tree.valid[:, :size], node_positions, torch.where(nodes == 0, -1, nodes))
-    out = backend.forward(tree.tokens[:, :size], node_positions, layout.mask(slots, tree.ancestors), layout.positions,
-                          features=None if features is None else features[:, past:], return_features=return_features)
-    return prefilled, out
+    return run_tree(backend, prompt, prompt_mask, random_tree(prompt[:, -1], branching, VOCAB), features, return_features)
 
 
 # a prompt longer than two prefill chunks (the feature outputs of the chunks are concatenated), and a short one

@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx_fixtures import write_llama_gguf
-from scipy.stats import chi2
+from statistics_helpers import chi_square_pvalue
 from tiny_models import left_padded_prompts, perturbed_copy, tiny_model, word_tokenizer
 from transformers import GenerationConfig
 
@@ -265,18 +265,6 @@ def quantized_joint(target: OrtBackend) -> torch.Tensor:
     second = probs[::VOCAB, len(PROMPT)]  # rows with x1 = 0 .. V-1
     third = probs[:, len(PROMPT) + 1].view(VOCAB, VOCAB, VOCAB)
     return first[:, None, None] * second[:, :, None] * third
-
-
-def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    expected = probs.flatten() * counts.sum()
-    if (counts[expected == 0] > 0).any():
-        return 0.0
-    large = expected >= 5
-    observed = torch.cat([counts[large], counts[~large].sum()[None]])
-    expected = torch.cat([expected[large], expected[~large].sum()[None]])
-    keep = expected > 0
-    statistic = float(((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum())
-    return float(chi2.sf(statistic, df=int(keep.sum()) - 1))
 
 
 def test_sampling_follows_the_quantized_target(quantized):
