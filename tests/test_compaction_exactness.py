@@ -5,8 +5,9 @@ tests/test_exactness.py), under top-k (the drafters then sample on q's support o
 from __future__ import annotations
 
 import pytest
-from test_exactness import (  # noqa: F401  (models, pytorch_sample: the fixtures)
-    LEVEL, SAMPLES, SETTINGS, chi_square_pvalue, exact_joint, models, pytorch_sample, sample_joint,
+from statistics_helpers import chi_square_pvalue
+from test_exactness import (  # noqa: F401  (pairs, pytorch_sample: the fixtures)
+    LEVEL, SAMPLES, SETTINGS, exact_joint, pairs, pytorch_sample, sample_joint,
 )
 
 import hf_specdec.generation as generation
@@ -23,10 +24,10 @@ def compact_verifier(inputs):
 
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("config", ["sd:l=3", "spectr:k=4,l=3", "rsd-c:b=3-2-1", "rsd-s:w=4,d=3"])
-def test_compact_verification_matches_target_distribution(models, pytorch_sample, monkeypatch, config, setting):
+def test_compact_verification_matches_target_distribution(pairs, pytorch_sample, monkeypatch, config, setting):
     monkeypatch.setattr(generation, "default_verifier", lambda device: compact_verifier)
-    target, _ = models
     temperature, top_k, draft = SETTINGS[setting]
+    target, _ = pairs[draft]
     CALLS.clear()
     counts = sample_joint(pytorch_sample, draft, config, temperature, top_k)
     assert counts.sum() == SAMPLES and CALLS and set(CALLS) <= {"rrs", "spectr"}
