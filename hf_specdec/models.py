@@ -33,16 +33,20 @@ DRAFT_DIRS = {"feature": ASSETS / "smollm2-135m-feature-draft", "standalone": AS
 DEFAULT_DRAFT_KIND = "feature"
 
 
-def load_default_pair(dtype: torch.dtype = torch.float32, draft_kind: str = DEFAULT_DRAFT_KIND):
+def load_default_pair(dtype: torch.dtype = torch.float32, draft_kind: str = DEFAULT_DRAFT_KIND,
+                      tp_plan: str | None = None):
     """(target, draft, tokenizer): SmolLM2-135M-Instruct and its distilled draft of `draft_kind` ("feature", the
-    default, or "standalone"), in eval mode on CPU, offline."""
-    target, tokenizer = load_target(dtype), load_tokenizer()
+    default, or "standalone"), in eval mode on CPU, offline. `tp_plan="auto"` (under torchrun) shards the target over
+    the ranks; the draft is replicated."""
+    target, tokenizer = load_target(dtype, tp_plan), load_tokenizer()
     return target, load_draft(dtype, draft_kind), tokenizer
 
 
-def load_target(dtype: torch.dtype = torch.float32):
-    """SmolLM2-135M-Instruct (dequantized from the packaged GGUF), in eval mode on CPU."""
-    model = AutoModelForCausalLM.from_pretrained(converted_target_dir(), dtype=dtype)
+def load_target(dtype: torch.dtype = torch.float32, tp_plan: str | None = None):
+    """SmolLM2-135M-Instruct (dequantized from the packaged GGUF), in eval mode on CPU; `tp_plan="auto"` shards it
+    with transformers' tensor parallelism (under torchrun; its 3 KV heads need a world size that divides 3)."""
+    extra = {"tp_plan": tp_plan} if tp_plan else {}
+    model = AutoModelForCausalLM.from_pretrained(converted_target_dir(), dtype=dtype, **extra)
     return model.eval()
 
 

@@ -23,6 +23,9 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_pays
 from hf_specdec.backends.hf import HFBackend, check_runnable
 from hf_specdec.config import SpeculativeConfig
+from hf_specdec.distributed import (
+    LockstepBackend, LockstepCheck, check_sharded_pair, share_random_state, tensor_parallel,
+)
 from hf_specdec.feature_draft import check_feature_draft, reads_target_features
 from hf_specdec.generation import make_decoder
 from hf_specdec.loop import SpeculativeStats
@@ -173,14 +176,29 @@ def speculative_generate(
     check_rope_supported(model, torch.ones_like(input_ids) if attention_mask is None else attention_mask,
                          generation_config.max_length)
     temperature = _sampling_temperature(generation_config)
+    sharding = check_sharded_pair(model, draft_model)
+    if sharding is not None and SpeculativeConfig.parse(speculative_config).method == "auto":
+        raise ValueError(
+            "speculative_config='auto' is not available on a tensor-parallel target: it picks a tree from timings "
+            "taken in this process, which differ between ranks; pass an explicit config (e.g. 'rsd-s:w=4,d=4', or "
+            "what auto picks for the unsharded pair)"
+        )
     config = _resolve_config(speculative_config, model, draft_model, batch_size, input_ids.shape[1], temperature)
     if config.method == "ar" and SpeculativeConfig.parse(speculative_config).method == "auto":
         # nothing is predicted to beat plain decoding: run it, in transformers' own loop, so that auto costs nothing
         return _plain_generate(model, draft_model, input_ids, logits_processor, stopping_criteria, generation_config,
                                speculative_streamer, model_kwargs)
+    target, draft = HFBackend(model, "target"), HFBackend(draft_model, "draft") if config.is_speculative else None
+    if sharding is not None:
+        # every rank runs this loop in lockstep: one random stream, and each collective call checked first
+        share_random_state(sharding, model.device)
+        lockstep = LockstepCheck(sharding, model.device)
+        target = LockstepBackend(target, lockstep, "target")
+        if draft is not None and tensor_parallel(draft_model) is not None:
+            draft = LockstepBackend(draft, lockstep, "draft")
     decoder = make_decoder(
-        HFBackend(model, "target"),
-        HFBackend(draft_model, "draft") if config.is_speculative else None,
+        target,
+        draft,
         config,
         generation_config,
         logits_processor,
@@ -196,7 +214,9 @@ def speculative_generate(
     pack_draft = config.is_speculative and prepacking_pays(draft_model, max(widths) if widths else 1)
     with packed_linears(model, pack_target), packed_linears(draft_model, pack_draft):
         result = decoder.generate(input_ids, model_kwargs.get("attention_mask"))
-    if config.is_speculative:
+    if sharding is not None:
+        lockstep("the generated sequences", [result.sequences])
+    if config.is_speculative and (sharding is None or sharding.is_first):
         from hf_specdec.planner import record_acceptance
         from hf_specdec.planner.step_times import record_step_time
 

@@ -33,8 +33,12 @@ def prepacking_enabled() -> bool:
 
 
 def prepacking_available(model) -> bool:
-    """Prepacking applies to float32 models on the CPU (HF_SPECDEC_PREPACK=0 turns it off)."""
-    return prepacking_enabled() and model.device.type == "cpu" and model.dtype == torch.float32
+    """Prepacking applies to float32 models on the CPU (HF_SPECDEC_PREPACK=0 turns it off), not to sharded ones (their
+    weights are DTensors, and a per-rank timing could choose differently on each rank)."""
+    from hf_specdec.distributed import tensor_parallel
+
+    return (prepacking_enabled() and model.device.type == "cpu" and model.dtype == torch.float32
+            and tensor_parallel(model) is None)
 
 
 # below this gain a forward with packed weights is not worth their packing at every call

@@ -38,6 +38,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     parser.add_argument("--no-stream", action="store_true", help="print the text once at the end")
+    parser.add_argument("--tp-plan", choices=("auto",),
+                        help="shard the target with transformers' tensor parallelism, one shard per process: run under "
+                        "`torchrun --nproc-per-node N -m hf_specdec generate --tp-plan auto ...` (pytorch backend; the "
+                        "draft is replicated; rank 0 prints)")
 
 
 def load_models(args):
@@ -49,11 +53,25 @@ def load_models(args):
             raise SystemExit("--draft needs --target (the embedded draft belongs to the embedded target)")
         from hf_specdec import models
 
-        return models.load_default_pair(draft_kind=args.draft_kind)
-    target = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa").eval()
+        if args.tp_plan:
+            _converted_once(models.converted_target_dir)
+        return models.load_default_pair(draft_kind=args.draft_kind, tp_plan=args.tp_plan)
+    extra = {"tp_plan": args.tp_plan} if args.tp_plan else {}
+    target = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa", **extra).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     draft = AutoModelForCausalLM.from_pretrained(args.draft, attn_implementation="sdpa").eval() if args.draft else None
     return target, draft, tokenizer
+
+
+def _converted_once(convert) -> None:
+    """Under torchrun: rank 0 converts (or finds) the cached target first, the other ranks then read it."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group()
+    if dist.get_rank() == 0:
+        convert()
+    dist.barrier()
 
 
 def encode_prompt(tokenizer, prompt: str, raw: bool):
@@ -131,10 +149,17 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     torch.manual_seed(args.seed)
+    if args.tp_plan and args.backend != "pytorch":
+        raise SystemExit("--tp-plan shards a PyTorch target: use it with --backend pytorch")
     tokenizer, generate = pytorch_generator(args) if args.backend == "pytorch" else exported_generator(args)
     inputs = encode_prompt(tokenizer, args.prompt, args.raw)
-    streamer = None if args.no_stream else TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    # every rank of a tensor-parallel run generates the same text; the first one prints it
+    prints = not args.tp_plan or torch.distributed.get_rank() == 0
+    streamer = None if args.no_stream or not prints else TextStreamer(tokenizer, skip_prompt=True,
+                                                                     skip_special_tokens=True)
     sequences, stats = generate(inputs, streamer)
+    if not prints:
+        return 0
     if args.no_stream:
         new_tokens = sequences[0, inputs["input_ids"].shape[1]:]
         print(tokenizer.decode(new_tokens, skip_special_tokens=True))

@@ -25,6 +25,7 @@ def weights_fingerprint(model) -> str:
     digest = hashlib.sha1(str(getattr(model.config, "_name_or_path", "")).encode())
     params = list(model.parameters())
     for tensor in (params[0], params[-1]):
-        sample = tensor.detach().flatten()[:256].to("cpu", torch.float32)
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a tensor-parallel shard: this rank's
+        sample = local.detach().flatten()[:256].to("cpu", torch.float32)
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:12]
