@@ -44,8 +44,8 @@ def add_parser(subparsers) -> None:
                         "draft is replicated; rank 0 prints)")
 
 
-def load_models(args):
-    """(target, draft, tokenizer) for the pytorch backend."""
+def load_models(args, tp_plan: str | None = None):
+    """(target, draft, tokenizer) for the pytorch backend; `tp_plan` shards the target (under torchrun)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.target is None:
@@ -53,10 +53,10 @@ def load_models(args):
             raise SystemExit("--draft needs --target (the embedded draft belongs to the embedded target)")
         from hf_specdec import models
 
-        if args.tp_plan:
+        if tp_plan:
             _converted_once(models.converted_target_dir)
-        return models.load_default_pair(draft_kind=args.draft_kind, tp_plan=args.tp_plan)
-    extra = {"tp_plan": args.tp_plan} if args.tp_plan else {}
+        return models.load_default_pair(draft_kind=args.draft_kind, tp_plan=tp_plan)
+    extra = {"tp_plan": tp_plan} if tp_plan else {}
     target = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa", **extra).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.target)
     draft = AutoModelForCausalLM.from_pretrained(args.draft, attn_implementation="sdpa").eval() if args.draft else None
@@ -96,7 +96,7 @@ def pytorch_generator(args):
 
     if args.model_dir is not None:
         raise SystemExit(f"--model-dir holds an exported pair: run it with --backend onnxruntime (now: --backend {args.backend})")
-    target, draft, tokenizer = load_models(args)
+    target, draft, tokenizer = load_models(args, args.tp_plan)
 
     def generate(inputs, streamer):
         out = target.generate(
