@@ -92,3 +92,20 @@ def test_command_line_generate(tmp_path_factory, capsys):
 def test_command_line_needs_a_model_dir():
     with pytest.raises(SystemExit, match="--model-dir DIR: create one with `hf-specdec export --out DIR`"):
         cli_main(["generate", "--backend", "onnxruntime", "hello"])
+
+
+def test_export_command_reads_every_option_the_model_loader_needs(monkeypatch):
+    """`hf-specdec export` without --target loads the embedded pair through generate's loader: its parser must define
+    what that loader reads (it once lacked --draft-kind and failed before loading anything)."""
+    import argparse
+
+    from hf_specdec.cli import export, generate
+
+    parser = argparse.ArgumentParser()
+    export.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["export", "--out", "unused"])
+    loaded = {}
+    monkeypatch.setattr("hf_specdec.models.load_default_pair",
+                        lambda **kwargs: loaded.update(kwargs) or ("target", "draft", "tokenizer"))
+    assert generate.load_models(args) == ("target", "draft", "tokenizer")
+    assert loaded["draft_kind"] == "feature"

@@ -35,6 +35,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--draft", help="draft model: HF id or directory, standalone or feature-conditioned (required with --target)"
     )
+    parser.add_argument("--draft-kind", choices=("feature", "standalone"), default="feature",
+                        help="which embedded draft to export with the embedded target (default: feature)")
     parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"largest batch (default {DEFAULT_MAX_BATCH})")
     parser.add_argument(
         "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
