@@ -3,7 +3,7 @@
 import pytest
 import torch
 from draft_fixtures import TINY_LLAMA_SHAPE, VOCAB_SIZE, tiny_target
-from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, DynamicCache
 
 from hf_specdec import distill, models
 from hf_specdec.draft_model import ReducedVocabLlamaConfig, ReducedVocabLlamaForCausalLM

@@ -18,7 +18,7 @@ import torch
 
 from hf_specdec.trt_plugins.verify_op import INPUTS, OP_TYPE, OUTPUTS, PLUGIN_NAMESPACE, PLUGIN_VERSION, verify_model
 from hf_specdec.verification import RULES, VerifyInputs, VerifyResult, verify_tree
-from verify_cases import cases, random_case
+from verify_cases import random_case
 
 FIELDS = ("accepted_nodes", "accepted_tokens", "num_accepted", "next_tokens")
 
