@@ -163,10 +163,11 @@ def speculative_generate(
     """Tree speculative decoding as a `generate` strategy. Returns what `generate` returns: the token tensor, or with
     `return_dict_in_generate=True` a `SpeculativeDecoderOnlyOutput` that also carries `speculative_stats`."""
     batch_size = input_ids.shape[0]
+    requested = SpeculativeConfig.parse(speculative_config)
     _validate(
         model,
         draft_model,
-        SpeculativeConfig.parse(speculative_config),
+        requested,
         generation_config,
         model_kwargs,
         speculative_streamer,
@@ -177,14 +178,14 @@ def speculative_generate(
                          generation_config.max_length)
     temperature = _sampling_temperature(generation_config)
     sharding = check_sharded_pair(model, draft_model)
-    if sharding is not None and SpeculativeConfig.parse(speculative_config).method == "auto":
+    if sharding is not None and requested.method == "auto":
         raise ValueError(
             "speculative_config='auto' is not available on a tensor-parallel target: it picks a tree from timings "
             "taken in this process, which differ between ranks; pass an explicit config (e.g. 'rsd-s:w=4,d=4', or "
             "what auto picks for the unsharded pair)"
         )
-    config = _resolve_config(speculative_config, model, draft_model, batch_size, input_ids.shape[1], temperature)
-    if config.method == "ar" and SpeculativeConfig.parse(speculative_config).method == "auto":
+    config = _resolve_config(requested, model, draft_model, batch_size, input_ids.shape[1], temperature)
+    if config.method == "ar" and requested.method == "auto":
         # nothing is predicted to beat plain decoding: run it, in transformers' own loop, so that auto costs nothing
         return _plain_generate(model, draft_model, input_ids, logits_processor, stopping_criteria, generation_config,
                                speculative_streamer, model_kwargs)
