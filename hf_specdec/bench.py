@@ -265,14 +265,17 @@ class Bench:
         self._generate(setting, self.prompt_ids[0], max_new_tokens=4)
 
     def predicted_step_ms(self, setting: Setting) -> float:
-        """The planner's step prediction for a speculative PyTorch setting (NaN for the others)."""
+        """The planner's step model for a speculative PyTorch setting (NaN for the others): calibrated forwards plus the
+        loop's measured work, without the corrections `auto` takes from recorded steps (so it tests the model)."""
         if not self.predict or setting.backend != "pytorch" or setting.method not in ("sd", "spectr", "rsd-c", "rsd-s"):
             return float("nan")
         from hf_specdec.planner import predict_step_seconds
+        from hf_specdec.planner.loop_cost import Sampling
 
         context = int(sum(len(ids[0]) for ids in self.prompt_ids) / len(self.prompt_ids)) + self.max_new_tokens // 2
+        sampling = Sampling(True, 0, 1.0) if setting.temperature > 0 else Sampling.greedy()  # as `_generate` runs
         return 1e3 * predict_step_seconds(self.target, self.drafts[setting.draft], SpeculativeConfig.parse(setting.config),
-                                          1, context)
+                                          1, context, sampling, corrections=False)
 
     def run(self, setting: Setting, progress=None) -> Record:
         predicted = self.predicted_step_ms(setting)

@@ -68,29 +68,74 @@ class OverheadRecord:
     forward_ms_per_step: float
 
 
-def _measure(target, draft, config: str | None, batch: int, new_tokens: int, repeats: int) -> tuple[int, float, float]:
-    from hf_specdec import speculative_generate
+def _prompt(target, batch: int) -> torch.Tensor:
+    return torch.randint(3, target.config.vocab_size, (batch, 16), device=target.device)
 
-    prompt = torch.randint(3, target.config.vocab_size, (batch, 16), device=target.device)
-    kwargs = dict(do_sample=True, max_new_tokens=new_tokens, pad_token_id=0)  # generate's default top-k 50 on both sides
-    if config is not None:
-        kwargs.update(custom_generate=speculative_generate, draft_model=draft, speculative_config=config,
-                      return_dict_in_generate=True)
-    target.generate(prompt, **kwargs)  # warm-up
+
+def _timed(run, models, steps_of, repeats: int) -> tuple[int, float, float]:
+    """`run()` once to warm up, then `repeats` times: (steps, seconds outside the forwards, seconds in them)."""
+    run()
+    device = models[0].device
     total = forwards = 0.0
     steps = 0
     for _ in range(repeats):
-        with timed_forwards(target, draft) as spent:
-            if target.device.type == "cuda":
+        with timed_forwards(*models) as spent:
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            out = target.generate(prompt, **kwargs)
-            if target.device.type == "cuda":
+            out = run()
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             total += time.perf_counter() - start
         forwards += spent[0]
-        steps += out.speculative_stats.target_calls if config is not None else new_tokens
-    return steps, 1e3 * (total - forwards) / steps, 1e3 * forwards / steps
+        steps += steps_of(out)
+    return steps, total - forwards, forwards
+
+
+def loop_run(target, draft, config: str, batch: int, new_tokens: int, sampling: dict, repeats: int = 3):
+    """Our loop (`generation.decode`, what `generate` runs, without recording planner statistics for the stand-ins)
+    on `config`: (steps, seconds outside the forwards, seconds in them)."""
+    from transformers import GenerationConfig
+
+    from hf_specdec.backends.hf import HFBackend
+    from hf_specdec.generation import decode
+
+    prompt = _prompt(target, batch)
+    generation_config = GenerationConfig(max_new_tokens=new_tokens, pad_token_id=0, **sampling)
+    backends = HFBackend(target, "target"), HFBackend(draft, "draft")
+
+    def run():
+        return decode(*backends, prompt, generation_config, config)
+
+    return _timed(run, (target, draft), lambda out: out.stats.target_calls, repeats)
+
+
+def plain_run(target, batch: int, new_tokens: int, sampling: dict, repeats: int = 3):
+    """HF `generate` (every step makes one token): (steps, seconds outside the forwards, seconds in them)."""
+    prompt = _prompt(target, batch)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **sampling)
+    return _timed(lambda: target.generate(prompt, **kwargs), (target,), lambda out: new_tokens, repeats)
+
+
+def loop_overhead(target, draft, config: str, batch: int, new_tokens: int, sampling: dict, repeats: int = 1) -> float:
+    """Seconds per step our loop spends outside the forwards."""
+    steps, outside, _ = loop_run(target, draft, config, batch, new_tokens, sampling, repeats)
+    return outside / steps
+
+
+def plain_overhead(target, batch: int, new_tokens: int, sampling: dict, repeats: int = 1) -> float:
+    """Seconds per token HF `generate` spends outside the forward."""
+    steps, outside, _ = plain_run(target, batch, new_tokens, sampling, repeats)
+    return outside / steps
+
+
+def _measure(target, draft, config: str | None, batch: int, new_tokens: int, repeats: int) -> tuple[int, float, float]:
+    sampling = {"do_sample": True}  # generate's default top-k 50 on both sides
+    if config is None:
+        steps, outside, forwards = plain_run(target, batch, new_tokens, sampling, repeats)
+    else:
+        steps, outside, forwards = loop_run(target, draft, config, batch, new_tokens, sampling, repeats)
+    return steps, 1e3 * outside / steps, 1e3 * forwards / steps
 
 
 def step_overhead(vocabs=VOCABS, batches=BATCHES, trees=tuple(TREES), new_tokens: int = 32, repeats: int = 3,

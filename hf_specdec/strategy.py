@@ -138,14 +138,15 @@ def _sampling_temperature(generation_config) -> float:
 
 
 def _resolve_config(speculative_config, model, draft_model, batch_size: int, context_length: int,
-                    temperature: float) -> SpeculativeConfig:
+                    generation_config) -> SpeculativeConfig:
     config = SpeculativeConfig.parse(speculative_config)
     if config.method != "auto":
         return config
     from hf_specdec.planner import choose_config
+    from hf_specdec.planner.loop_cost import Sampling
 
     return choose_config(model, draft_model, batch_size=batch_size, context_length=context_length,
-                         temperature=temperature)
+                         temperature=_sampling_temperature(generation_config), sampling=Sampling.of(generation_config))
 
 
 def speculative_generate(
@@ -184,7 +185,7 @@ def speculative_generate(
             "taken in this process, which differ between ranks; pass an explicit config (e.g. 'rsd-s:w=4,d=4', or "
             "what auto picks for the unsharded pair)"
         )
-    config = _resolve_config(requested, model, draft_model, batch_size, input_ids.shape[1], temperature)
+    config = _resolve_config(requested, model, draft_model, batch_size, input_ids.shape[1], generation_config)
     if config.method == "ar" and requested.method == "auto":
         # nothing is predicted to beat plain decoding: run it, in transformers' own loop, so that auto costs nothing
         return _plain_generate(model, draft_model, input_ids, logits_processor, stopping_criteria, generation_config,

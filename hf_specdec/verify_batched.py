@@ -19,6 +19,8 @@ whole call is queued without a sync. The only Python loops have static bounds ta
       only), so min(N, L + P) steps (N = `node_tokens.shape[1] - 1`) cover every walk, instead of L x P steps of a
       depth loop with a candidate loop inside. The candidates of every node come from one table computed up front
       ([B, N+1, P]); this reads `paths` as a tree (a node lies on one depth, below one parent), as the drafters build.
+      On chains (P = 1: SD) every node has one candidate, tested against p and q themselves, so the walk is gathers
+      and the one vocabulary-wide step is the residual where the row stops (`_walk_chain`).
 
 A row stops at a leaf or at the last depth (the bonus token is drawn from p there; greedy: its argmax) or when every
 candidate at its node is rejected (the next token is drawn from the rule's residual at that node). Every elementwise
@@ -28,9 +30,9 @@ buffers (on CPU, allocating them per operation costs more than the arithmetic).
 
 The compact path (`verify_tree_batched(compact=...)`, by default for the sampling rules on CPU tensors): after the
 logits processors (top-k, top-p, min-p) p and q are zero but on a few dozen tokens per node, and the work above is
-per vocabulary entry. `compact_vocabulary` keeps, per node, the union of the supports of p and q (one read of p and
-q that writes nothing vocabulary-sized, then work proportional to the supports; its width K + 1 is the one number
-read back to the host); on those few entries a step costs its number of tensor operations, so `_verify_everywhere`
+per vocabulary entry. `compact_vocabulary` keeps, per node, the union of the supports of p and q (a bound on its size
+per node first, the nonzeros of p and q, whose largest, K, is the one number read back to the host: a support wider than half the vocabulary, as
+sampling without top-k leaves, is not compacted and costs just that count; then work proportional to the supports); on those few entries a step costs its number of tensor operations, so `_verify_everywhere`
 takes every node's decisions at once (RRS: Theta_k, q_k of every node, one step per candidate of the node with the
 most; SpecTr: one bisection for every node) and then walks one step per depth. Same formulas, same tokens (sums run
 over the support only: another summation order).
@@ -185,6 +187,34 @@ def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
         theta_rows.index_copy_(0, reset, target.load(node, fresh))
         q_rows.index_copy_(0, reset, draft.load(node, fresh))
     return accepted_nodes[:, :depth], theta
+
+
+def _walk_chain(paths, node_tokens, target, draft, uniforms):
+    """RRS on chains (one path per row: every node has at most one candidate, as SD drafts): a node's only candidate
+    is tested against Theta_1 = p and q_1 = q there, so every depth's accept probability min(1, p(x) / q(x)) is two
+    gathers, the walk is the first failed test, and only the node where a row stops needs vocabulary-wide work: the
+    residual norm((p - q)+) where the row rejected its candidate (p where that sums to 0), else p (a leaf: the bonus
+    token). The walk above would update Theta and q over the vocabulary at every depth. Returns what it returns."""
+    batch, _, depth = paths.shape
+    chain = paths[:, 0]  # [B, L]: the node at each depth, -1 past the row's chain
+    on_chain = chain >= 0
+    nodes = chain.clamp(min=0)
+    parents = torch.cat([torch.zeros_like(nodes[:, :1]), nodes[:, :-1]], dim=1)  # where each candidate is tested
+    tokens = node_tokens.gather(1, nodes)
+    rows = torch.arange(batch, device=paths.device)[:, None]
+    p_token, q_token = target.probs[rows, parents, tokens].double(), draft.probs[rows, parents, tokens].double()
+    accept = torch.where(q_token > 0, (p_token / q_token).clamp(max=1.0), 0.0)
+    passed = (on_chain & (uniforms[:, 0].double() < accept)).long().cumprod(dim=1).bool()  # accepted through each depth
+    num_accepted = passed.sum(-1)
+    accepted_nodes = torch.where(passed, chain, -1)
+    last = torch.where(num_accepted > 0, nodes.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1), 0)
+    rejected = num_accepted < on_chain.sum(-1)  # stopped at a candidate it tested
+    theta = target.load(last, torch.empty(batch, target.vocab, dtype=torch.float64, device=paths.device))
+    q = draft.load(last, torch.empty_like(theta))
+    rest = torch.sub(theta, q, out=q).clamp_(min=0.0)
+    rest_total = rest.sum(-1, keepdim=True)
+    use_residual = rejected[:, None] & (rest_total > 0)
+    return accepted_nodes, torch.where(use_residual, rest.div_(rest_total), theta)
 
 
 def _integer_power(base: torch.Tensor, exponent: torch.Tensor, max_exponent: int) -> torch.Tensor:
@@ -364,31 +394,45 @@ def _support_entries(p: torch.Tensor, q: torch.Tensor | None, has_children: torc
     return rows, tokens
 
 
+def _support_bounds(p: torch.Tensor, q: torch.Tensor | None, has_children: torch.Tensor) -> torch.Tensor:
+    """[B, N+1]: at least as many as the entries `_support_entries` finds at each node (p > 0, or q > 0 where it has
+    children): the nonzeros of p plus those of q where the node has children, one pass over each, no temporaries."""
+    counts = torch.count_nonzero(p, dim=-1)
+    if q is not None:
+        counts += torch.where(has_children, torch.count_nonzero(q, dim=-1), 0)
+    return counts.clamp_(max=p.shape[-1])
+
+
 class _Support:
-    """What compacting a verification problem needs, from one read back: the tokens where p > 0 or q > 0 of every
-    (row, node), as `rows`, `tokens` [M] (row = b * (N+1) + node) in increasing row, then token order, with `starts`
-    [B * (N+1)] the first entry of each row and `width` = the largest count + 1 (the compact vocabulary, a zero slot
-    included); each node's parent; and the candidate table of every node (`_path_children`, distinct for RRS) with
-    `steps`, the most candidates any node has."""
+    """What compacting a verification problem needs, from one read back: `width` = a bound on the largest support of
+    any (row, node) + 1 (the compact vocabulary, a zero slot included; `_support_bounds`); each node's parent; and the candidate table of every node (`_path_children`,
+    distinct for RRS) with `steps`, the most candidates any node has. `entries()` then lists the support itself (work
+    proportional to it): only when the problem is compacted, not when its support turns out too wide."""
 
     def __init__(self, inputs: VerifyInputs, paths: torch.Tensor):
         batch, slots, vocab = inputs.target_probs.shape
         device = paths.device
-        self.parents, has_children = _tree_parents(paths, slots)
+        self.parents, self.has_children = _tree_parents(paths, slots)
         table = _path_children(paths, inputs.accept_uniforms.to(device), slots)
         if inputs.rule != "spectr":
             table = _distinct(*table)
             table = (torch.where(table[1], table[0], 0), *table[1:])
         self.children, self.valid, self.uniforms = table
-        draft_probs = None if inputs.draft_probs is None else inputs.draft_probs.to(device)
-        # data-dependent sizes: on the host (CPU tensors) this costs no device round trip
-        self.rows, self.tokens = _support_entries(inputs.target_probs, draft_probs, has_children)
-        bounds = torch.searchsorted(self.rows, torch.arange(batch * slots + 1, device=device))
-        self.starts = bounds[:-1]
+        self.target_probs = inputs.target_probs
+        self.draft_probs = None if inputs.draft_probs is None else inputs.draft_probs.to(device)
+        self.slots = batch * slots
         largest, self.steps = 0, 0
         if batch * slots > 0:
-            largest, self.steps = torch.stack([bounds.diff().max(), self.valid.sum(-1).max()]).tolist()  # the read
+            bounds = _support_bounds(self.target_probs, self.draft_probs, self.has_children)
+            # data-dependent sizes: on the host (CPU tensors) this costs no device round trip
+            largest, self.steps = torch.stack([bounds.max(), self.valid.sum(-1).max()]).tolist()  # the read
         self.width = largest + 1
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, tokens) [M] of the support (row = b * (N+1) + node, in increasing row, then token order) and
+        `starts` [B * (N+1)], the first entry of each row."""
+        rows, tokens = _support_entries(self.target_probs, self.draft_probs, self.has_children)
+        return rows, tokens, torch.searchsorted(rows, torch.arange(self.slots, device=rows.device))
 
 
 def compact_vocabulary(inputs: VerifyInputs, support: _Support | None = None) -> tuple[VerifyInputs, torch.Tensor]:
@@ -409,8 +453,8 @@ def compact_vocabulary(inputs: VerifyInputs, support: _Support | None = None) ->
     support = support or _Support(inputs, paths)
     batch, slots, vocab = inputs.target_probs.shape
     width = support.width
-    rows, tokens = support.rows, support.tokens
-    entry = rows * width + (torch.arange(len(rows), device=device) - support.starts[rows])
+    rows, tokens, starts = support.entries()
+    entry = rows * width + (torch.arange(len(rows), device=device) - starts[rows])
     token_ids = torch.full((batch * slots * width,), vocab - 1, dtype=torch.long, device=device)
     token_ids[entry] = tokens
     token_ids = token_ids.view(batch, slots, width)
@@ -540,6 +584,8 @@ def _compaction_considered(inputs: VerifyInputs, compact: bool | None) -> bool:
         return False
     if compact:
         return True
+    if inputs.rule == "rrs" and inputs.paths.shape[1] == 1:  # a chain's walk reads one node's distributions anyway
+        return False
     return inputs.target_probs.device.type == "cpu" and inputs.target_probs.shape[-1] >= COMPACT_MIN_VOCAB
 
 
@@ -548,8 +594,8 @@ def verify_tree_batched(inputs: VerifyInputs, compact: bool | None = None) -> Ve
 
     `compact`: verify on the union of the supports of p and q instead of the vocabulary (`compact_vocabulary`, with
     every node's decision computed at once: `_verify_everywhere`; the same tokens). None (default): for the
-    sampling rules on CPU tensors with a vocabulary of at least COMPACT_MIN_VOCAB, when the compact vocabulary is at
-    most COMPACT_MAX_SHARE of it; learning its size reads back one small tensor, the only read (elsewhere, e.g. on
+    sampling rules on CPU tensors with a vocabulary of at least COMPACT_MIN_VOCAB (but not RRS on chains, whose walk
+    reads one node's distributions only), when the compact vocabulary is at most COMPACT_MAX_SHARE of it; learning its size reads back one small tensor, the only read (elsewhere, e.g. on
     CUDA, nothing is read back). True: always (sampling rules); False: never."""
     inputs.check()
     if _compaction_considered(inputs, compact):
@@ -590,7 +636,7 @@ def _verify(inputs: VerifyInputs) -> VerifyResult:
             next_dist = target.load(torch.zeros(batch, dtype=torch.long, device=device),
                                     torch.empty(batch, target.vocab, dtype=torch.float64, device=device))
         else:
-            walk = _walk_spectr if rule == "spectr" else _walk_recursive_rejection
+            walk = _walk_spectr if rule == "spectr" else _walk_chain if num_paths == 1 else _walk_recursive_rejection
             accepted_nodes, next_dist = walk(paths, token_index, target, _Rows(draft_probs.to(device)), accept_uniforms)
         next_tokens = sample_with_uniform(next_dist, sample_uniforms)
     num_accepted = (accepted_nodes >= 0).sum(-1)

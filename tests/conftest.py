@@ -20,3 +20,13 @@ def _seed():
 def _private_cache(tmp_path_factory):
     """Planner calibrations and acceptance statistics go to a temporary cache, not the user's."""
     os.environ["HF_SPECDEC_CACHE"] = str(tmp_path_factory.mktemp("hf_specdec_cache"))
+
+
+@pytest.fixture
+def free_loop(monkeypatch):
+    """The planner sees a speculative loop that costs nothing besides the forwards (tests of the latency model and of
+    the step corrections, whose fake hardware makes tiny models' forwards far cheaper than any real loop)."""
+    from hf_specdec.planner import loop_cost
+    from hf_specdec.planner.loop_cost import TERMS, LoopCost
+
+    monkeypatch.setattr(loop_cost, "loop_cost", lambda *args, **kwargs: LoopCost((0.0,) * len(TERMS), 0.0))

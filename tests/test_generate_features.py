@@ -131,13 +131,13 @@ def test_one_token_prompt_and_max_length(pair, method):
     assert torch.equal(out, reference)
 
 
-def test_auto_asks_the_planner_and_records_acceptance(pair, monkeypatch, tmp_path):
+def test_auto_asks_the_planner_and_records_acceptance(pair, monkeypatch, tmp_path, free_loop):
     """`auto` asks the planner for a shape; with nothing recorded for the pair it explores a tree, and every run's
     block efficiency is recorded (greedy under temperature 0) for the next choice."""
     from hf_specdec.planner import Hardware, calibration
     from hf_specdec.planner.acceptance import pair_statistics_path
 
-    # a fixed weight-bound latency profile instead of timing this busy CPU, so the choice is deterministic
+    # a fixed weight-bound latency profile (and a free loop) instead of timing this busy CPU: a deterministic choice
     weight_bound = Hardware("weight-bound", matmul_flops=1e14, attention_flops=5e13, bandwidth=1e9,
                             attention_bandwidth=1e9, kernel_overhead=0.0, overlap=True, dtype="float32")
     monkeypatch.setattr(calibration, "calibrated_hardware", lambda model, **_: weight_bound)

@@ -13,6 +13,8 @@ from hf_specdec.planner import operators as ops
 from hf_specdec.planner.acceptance import (
     CONSERVATIVE_DEFAULT, MedusaFit, MeasuredPoint, TreeAcceptance, load_acceptance, load_bench_points,
 )
+from hf_specdec.planner import loop_cost as loop_cost_module
+from hf_specdec.planner.loop_cost import LoopCost, Sampling, fit, terms
 from hf_specdec.planner.planning import estimate_candidates, estimate_config, rank
 from hf_specdec.planner.shapes import shape_from_config
 from tiny_models import tiny_model
@@ -328,7 +330,7 @@ def test_measured_step_times_correct_the_latency_model(tmp_path, monkeypatch):
     assert corrected(estimates, {}) == estimates
 
 
-def test_auto_learns_that_trees_do_not_pay_from_measured_steps(tmp_path, monkeypatch):
+def test_auto_learns_that_trees_do_not_pay_from_measured_steps(tmp_path, monkeypatch, free_loop):
     """Once a step was measured far slower than the latency model said, auto stops choosing trees."""
     from hf_specdec.planner import Hardware, calibration, choose_config, record_acceptance
     from hf_specdec.planner.step_times import PLAIN, record_step_time
@@ -363,3 +365,86 @@ def test_growth_threshold_is_the_node_cost_times_the_speedup():
     assert growth_threshold(estimate(20.0, 9.0)) == MAX_GROWTH_Q
     assert dynamic(cpu) == SpeculativeConfig.parse("rsd-c:b=2-2-1,q=0.15")
     assert dynamic(estimate(2.0, 1.5, "sd:l=1")) == SpeculativeConfig.parse("sd:l=1")  # nothing to grow
+
+
+@pytest.mark.parametrize("config, do_sample, expected", [
+    # 1, passes, scored tokens, walk steps (RRS: min(N, L + P); SpecTr and greedy: L), SpecTr depths
+    ("rsd-c:b=2-2", True, [1, 2, 7, 6, 0]),
+    ("rsd-c:b=4-1-1", True, [1, 3, 13, 7, 0]),
+    ("sd:l=5", True, [1, 5, 6, 5, 0]),
+    ("spectr:k=3,l=4", True, [1, 4, 13, 4, 4]),
+    ("rsd-s:w=3,d=4", False, [1, 4, 13, 4, 0]),
+])
+def test_loop_cost_terms_by_hand(config, do_sample, expected):
+    assert terms(SpeculativeConfig.parse(config), do_sample).tolist() == expected
+
+
+def test_loop_cost_fit_recovers_known_coefficients_and_predicts_other_shapes():
+    truth = LoopCost((2e-3, 1e-3, 1e-4, 5e-4, 3e-3), 1e-3)
+    design = ["sd:l=1", "sd:l=4", "sd:l=8", "rsd-c:b=4-1", "rsd-c:b=2-2-1-1", "rsd-s:w=4,d=8", "spectr:k=2,l=4",
+              "spectr:k=4,l=8"]
+    fitted = fit([(c, truth.seconds(SpeculativeConfig.parse(c))) for c in design], 1e-3, do_sample=True)
+    assert fitted.coefficients == pytest.approx(truth.coefficients, rel=1e-6)
+    for config in ("rsd-s:w=3,d=10", "spectr:k=3,l=10", "sd:l=30"):
+        shape = SpeculativeConfig.parse(config)
+        assert fitted.seconds(shape) == pytest.approx(truth.seconds(shape), rel=1e-6)
+    assert fitted.seconds(SpeculativeConfig.ar()) == 1e-3  # plain decoding: HF generate's own work per token
+    assert LoopCost.from_json(json.loads(json.dumps(fitted.to_json()))) == fitted
+
+
+def test_the_loop_cost_is_charged_per_step_and_to_plain_decoding():
+    """The step adds the loop's work; the baseline adds HF generate's: a deep tree's loop cost can sink its speedup."""
+    target = LatencyModel(PRESETS["llama-7b"], load_hardware("a100-80gb"), "float16")
+    acceptance = TreeAcceptance(0.8, 0.5)
+    config = SpeculativeConfig.parse("rsd-s:w=4,d=8")
+    bare = estimate_config(target, 1, 256, config, acceptance)
+    loop = LoopCost((1e-3, 0.0, 0.0, 0.0, 0.0), 2e-4)
+    charged = estimate_config(target, 1, 256, config, acceptance, loop=loop)
+    assert charged.seconds == pytest.approx(bare.seconds + 1e-3)
+    assert charged.baseline_seconds == pytest.approx(bare.baseline_seconds + 2e-4)
+    assert charged.normalized_by_group()["loop"] == pytest.approx(1e-3 / charged.baseline_seconds)
+    slow_loop = LoopCost((0.0, 0.0, 0.0, 0.1, 0.0), 0.0)  # 100 ms per verification walk step
+    assert rank(target, 1, 256, acceptance, candidates=[config, SpeculativeConfig.parse("sd:l=2")],
+                loop=slow_loop)[0].config == SpeculativeConfig.parse("sd:l=2")
+
+
+def test_sampling_settings_key_the_measurement():
+    from transformers import GenerationConfig
+
+    assert Sampling.of(GenerationConfig(do_sample=False, top_k=5)) == Sampling.greedy()
+    assert Sampling.of(GenerationConfig(do_sample=True, top_k=0, top_p=0.9)) == Sampling(True, 0, 0.9, None)
+    keys = {Sampling.greedy().key(), Sampling().key(), Sampling(True, 0, 1.0).key(), Sampling(True, 50, 0.9).key()}
+    assert len(keys) == 4
+    assert Sampling.greedy().generate_kwargs() == {"do_sample": False}
+
+
+@pytest.mark.parametrize("kind", ["standalone", "feature"])
+def test_loop_cost_is_measured_once_with_near_free_stand_ins(kind, tmp_path, monkeypatch):
+    """The design shapes run in the real loop with stand-ins of the pair's kind and vocabulary; the result is cached."""
+    from feature_fixtures import tiny_feature_draft
+
+    from hf_specdec.feature_draft import reads_target_features
+
+    monkeypatch.setenv("HF_SPECDEC_CACHE", str(tmp_path))
+    target = tiny_model("llama", vocab_size=96)
+    draft = tiny_feature_draft(target, kept_token_ids=list(range(0, 96, 2))) if kind == "feature" else \
+        tiny_model("llama", vocab_size=96, seed=2, num_hidden_layers=1)
+    stand_in_target, stand_in_draft = loop_cost_module.near_free_pair(target, draft)
+    assert stand_in_target.config.vocab_size == 96
+    assert reads_target_features(stand_in_draft) == (kind == "feature")
+    if kind == "feature":
+        assert stand_in_draft.config.kept_token_ids == draft.config.kept_token_ids
+    monkeypatch.setattr(loop_cost_module, "DESIGN", ("sd:l=1", "sd:l=3", "rsd-c:b=2-2", "spectr:k=2,l=2"))
+    cost = loop_cost_module.loop_cost(target, draft, 2, Sampling(), progress=False)
+    assert [config for config, _ in cost.samples] == list(loop_cost_module.DESIGN)
+    assert all(seconds > 0 for _, seconds in cost.samples) and cost.plain_seconds > 0
+    assert cost.seconds(SpeculativeConfig.parse("rsd-c:b=2-2")) > 0
+
+    def measured_again(*args, **kwargs):
+        raise RuntimeError("measured again")
+
+    monkeypatch.setattr(loop_cost_module, "measure_loop_cost", measured_again)
+    assert loop_cost_module.loop_cost(target, draft, 2, Sampling(), progress=False) == cost
+    for batch, sampling in ((2, Sampling.greedy()), (1, Sampling())):  # another setting is another measurement
+        with pytest.raises(RuntimeError, match="measured again"):
+            loop_cost_module.loop_cost(target, draft, batch, sampling, progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
@@ -11,8 +12,8 @@ from hf_specdec.config import SpeculativeConfig
 from hf_specdec.planner import LatencyModel, ModelShape, choose_config, record_acceptance, shape_from_config
 from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT, TreeAcceptance, pair_acceptance
 from hf_specdec.planner.calibration import (
-    Grid, Sample, calibrate, calibrated_hardware, device_name, fit_hardware, load_calibration, random_model,
-    time_forward,
+    Calibration, Grid, MeasuredLatency, Sample, calibrate, calibrated_hardware, device_name, fit_hardware,
+    load_calibration, measured_latency, random_model, time_forward,
 )
 from hf_specdec.planner.hardware import Hardware
 
@@ -41,6 +42,48 @@ def test_fit_recovers_known_throughputs():
     for field in ("matmul_flops", "attention_flops", "attention_bandwidth", "kernel_overhead", "packing_bandwidth"):
         assert getattr(fitted, field) == pytest.approx(getattr(truth, field), rel=0.02), field
     assert fitted.gemv_rows == 3
+
+
+def test_measured_latency_meets_the_samples_and_interpolates_between_them(tiny_model):
+    """At a calibration point the prediction is the measurement; between points the measured-to-model ratio is
+    interpolated (new tokens, then context), beyond them the nearest ratio holds; every group scales alike."""
+    hardware = Hardware("fit", matmul_flops=1e10, attention_flops=5e9, bandwidth=1e10, attention_bandwidth=4e9,
+                        kernel_overhead=1e-5, overlap=False, dtype="float32")
+    model = LatencyModel(TINY, hardware, "float32")
+    ratios = {(1, 8): 1.5, (4, 8): 2.5, (1, 32): 1.0, (4, 32): 2.0}  # (new tokens, context) -> measured / model
+    samples = tuple(Sample(b, n, c, r * model.seconds(b, n, c)) for b in (1, 4) for (n, c), r in ratios.items())
+    measured = MeasuredLatency(model, samples)
+    for sample in samples:
+        assert measured.seconds(sample.batch, sample.new_tokens, sample.context) == pytest.approx(sample.seconds)
+    assert measured.ratio(1, 2, 8) == pytest.approx(1.5 + (2.5 - 1.5) / 3)  # a third of the way from 1 to 4 tokens
+    assert measured.ratio(1, 4, 20) == pytest.approx(2.5 - 0.5 * 12 / 24)
+    assert measured.ratio(2, 64, 4096) == pytest.approx(2.0)  # beyond the grid: the nearest ratio (batch 1's)
+    groups, scaled = model.forward(1, 3, 16), measured.forward(1, 3, 16)
+    assert {g: scaled[g] / groups[g] for g in groups} == pytest.approx(dict.fromkeys(groups, measured.ratio(1, 3, 16)))
+    # measured_latency uses a cached calibration only for the model it describes
+    assert measured_latency(tiny_model, model) is model  # nothing cached yet
+    Calibration(device_name("cpu"), TINY, hardware, samples).save()
+    assert measured_latency(tiny_model, model) == measured
+    other = LatencyModel(TINY, Hardware("a given profile", 1e12, 1e12, 1e12, 1e12, 0.0, dtype="float32"), "float32")
+    assert measured_latency(tiny_model, other) is other
+
+
+def test_a_calibration_this_machine_no_longer_matches_is_measured_again(tiny_model, monkeypatch):
+    """A cached calibration is checked once per process against one forward timed now; a drifted one (another
+    machine behind the same device name) is replaced, a matching one kept."""
+    from hf_specdec.planner import calibration as calibration_module
+
+    monkeypatch.setattr(calibration_module, "_CHECKED", {})
+    measured = calibrate(tiny_model, TINY, TINY_GRID, repeats=1, progress=False)
+    stale = Calibration(measured.device, TINY, dataclasses.replace(measured.hardware, name="elsewhere"),
+                        tuple(dataclasses.replace(s, seconds=50 * s.seconds) for s in measured.samples))
+    stale.save()
+    assert calibrated_hardware(tiny_model, grid=TINY_GRID).name != "elsewhere"  # measured again here
+    assert load_calibration(device_name("cpu"), TINY, "float32").hardware.name != "elsewhere"
+    kept = calibrated_hardware(tiny_model)
+    calibration_module._CHECKED.clear()
+    monkeypatch.setattr(calibration_module, "drifted", lambda model, cached: False)
+    assert calibrated_hardware(tiny_model) == kept  # the cache matches: reused
 
 
 def test_time_forward_runs_a_cached_tree_step(tiny_model):
@@ -79,7 +122,7 @@ def test_choose_config_returns_a_candidate_or_ar(tiny_model):
     assert chosen.largest_shape() in choices + [SpeculativeConfig.ar()]
 
 
-def test_choose_config_follows_the_latency_model(tiny_model, monkeypatch):
+def test_choose_config_follows_the_latency_model(tiny_model, monkeypatch, free_loop):
     """Weight-bound (GPU-like) hardware rewards a tree at batch 1; compute-bound batches fall back to ar."""
     from hf_specdec.planner import calibration
 

@@ -267,6 +267,29 @@ def test_matches_reference_on_mixed_rows(rule):
         check(merged([*parts, empty]))
 
 
+def test_matches_reference_on_chains():
+    """One path per row (SD's chains, `_walk_chain`): rows of every length from empty to the whole chain, tokens drawn
+    from q at their parent or not (q(token) = 0), p == q and one-hot p rows, uniforms on the accept thresholds and on
+    the residual's CDF steps."""
+    generator = torch.Generator().manual_seed(460)
+    for round_ in range(60):
+        case = random_case("rrs", batch=8, vocab=(2, 3, 5, 9)[round_ % 4], max_nodes=10, generator=generator)
+        nodes = case["target_probs"].shape[1] - 1
+        lengths = torch.randint(0, nodes + 1, (8,), generator=generator)
+        depth = torch.arange(nodes)
+        paths = torch.where(depth < lengths[:, None], depth + 1, -1)[:, None, :]
+        tokens = case["node_tokens"].clone()
+        for node in range(1, nodes + 1):  # drawn from q at the chain parent, as SD drafts (every other round: any)
+            if round_ % 2 == 0:
+                tokens[:, node] = torch.multinomial(case["draft_probs"][:, node - 1], 1, generator=generator)[:, 0]
+        case = {**case, "paths": paths, "node_tokens": tokens,
+                "accept_uniforms": torch.rand(paths.shape, generator=generator)}
+        if round_ % 3 == 0:
+            case = at_accept_thresholds(case, generator)
+        expected = check(case)
+        check(at_cdf_steps(case, expected, generator))
+
+
 def test_recursive_rejection_once_q_is_exhausted():
     """The first candidates cover q's support and more follow (tokens not drawn from q): q_k sums to 0 and is kept
     as it is (`_normalize`'s fallback), the later candidates have q_k(x) = 0, and the residual after them is sampled
@@ -554,12 +577,14 @@ def test_compact_vocabulary_layout():
             for parent, child in zip(nodes, nodes[1:]):
                 has_children[b, parent] = True
                 parents[b, child] = parent
-    counts = []
+    counts, bounds = [], []
     for b in range(batch):
         for u in range(slots):
             p, q = case["target_probs"][b, u], case["draft_probs"][b, u]
             support = ((p > 0) | ((q > 0) & has_children[b, u])).nonzero().flatten()
             counts.append(len(support))
+            # the width comes from a bound read in one pass: the nonzeros of p, plus q's where u has children
+            bounds.append(min(int((p != 0).sum()) + int(has_children[b, u]) * int((q != 0).sum()), vocab))
             assert token_ids[b, u, : len(support)].tolist() == support.tolist()
             assert (token_ids[b, u, len(support):] == vocab - 1).all()
             assert torch.equal(small.target_probs[b, u, : len(support)], p[support].double())
@@ -573,7 +598,7 @@ def test_compact_vocabulary_layout():
                     assert int(token_ids[b, parent, index]) == token
                 else:
                     assert small.target_probs[b, parent, index] == small.draft_probs[b, parent, index] == 0
-    assert width == max(counts) + 1
+    assert width == max(bounds) + 1 >= max(counts) + 1
 
 
 @pytest.mark.parametrize("rule", ["rrs", "spectr"])

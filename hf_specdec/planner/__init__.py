@@ -26,31 +26,43 @@ logger = logging.getLogger(__name__)
 EXPLORE_ABOVE = 0.75
 
 
-def _latency_model(model) -> LatencyModel:
-    from hf_specdec.planner.calibration import calibrated_hardware
+def _latency_model(model):
+    """The model's calibrated latency model on its device, meeting the forwards measured there."""
+    from hf_specdec.planner.calibration import calibrated_hardware, measured_latency
 
     hardware = calibrated_hardware(model, progress=True)
-    return LatencyModel(shape_from_config(model.config), hardware, hardware.dtype, FULL)
+    return measured_latency(model, LatencyModel(shape_from_config(model.config), hardware, hardware.dtype, FULL))
+
+
+def _sampling(sampling, temperature: float | None):
+    from hf_specdec.planner.loop_cost import Sampling
+
+    if sampling is not None:
+        return sampling
+    return Sampling.greedy() if temperature == 0 else Sampling()
 
 
 def choose_config(target_model, draft_model, batch_size: int, context_length: int,
-                  candidates: list[SpeculativeConfig] | None = None, temperature: float | None = None) -> SpeculativeConfig:
+                  candidates: list[SpeculativeConfig] | None = None, temperature: float | None = None,
+                  sampling=None) -> SpeculativeConfig:
     """The tree shape with the best predicted speedup for this pair, device and batch size.
 
-    Latency comes from a calibration of each model's config on its device (measured once, then cached);
-    acceptance from the pair's recorded statistics (a conservative default until there are some).
+    Latency comes from a calibration of each model's config on its device and of the loop's own work per step with
+    these sampling settings (`loop_cost.Sampling`; default: greedy at temperature 0, else generate's top-k 50), each
+    measured once, then cached; acceptance from the pair's recorded statistics (a conservative default until there are
+    some).
     Returns `SpeculativeConfig.ar()` when no shape is predicted to beat plain decoding, except while nothing is
     recorded for the pair: then the most promising tree runs once to measure it.
     """
-    from hf_specdec.planner.acceptance import pair_acceptance
+    from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT, pair_acceptance
+    from hf_specdec.planner.loop_cost import loop_cost
     from hf_specdec.planner.planning import rank
     from hf_specdec.planner.step_times import corrected, measured_step_times
 
-    from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT
-
     target, draft = _latency_model(target_model), _latency_model(draft_model)
+    loop = loop_cost(target_model, draft_model, batch_size, _sampling(sampling, temperature))
     acceptance = pair_acceptance(target_model, draft_model, temperature)
-    ranked = rank(target, batch_size, context_length, acceptance, draft, candidates)
+    ranked = rank(target, batch_size, context_length, acceptance, draft, candidates, loop)
     # what steps really took here corrects the latency model (step_times.py)
     ranked = corrected(ranked, measured_step_times(target_model, draft_model, batch_size))
     if acceptance is CONSERVATIVE_DEFAULT and ranked and ranked[0].speedup >= EXPLORE_ABOVE:
@@ -82,16 +94,21 @@ def dynamic(estimate) -> SpeculativeConfig:
 
 
 def predict_step_seconds(target_model, draft_model, config: SpeculativeConfig, batch_size: int,
-                         context_length: int) -> float:
-    """The planner's prediction of one speculative step of `config` here: both models' calibrated forwards, corrected
-    by what steps measured here so far (`step_times.corrected`), as `auto` ranks shapes with it."""
+                         context_length: int, sampling=None, corrections: bool = True) -> float:
+    """The planner's prediction of one speculative step of `config` here: both models' calibrated forwards and the
+    loop's measured work (`sampling` as in `choose_config`), corrected by what steps measured here so far
+    (`step_times.corrected`, unless `corrections` is False), as `auto` ranks shapes with it."""
     from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT
+    from hf_specdec.planner.loop_cost import loop_cost
     from hf_specdec.planner.planning import estimate_config
     from hf_specdec.planner.step_times import corrected, measured_step_times
 
     shape = SpeculativeConfig.parse(config).largest_shape()
+    loop = loop_cost(target_model, draft_model, batch_size, _sampling(sampling, 1.0))
     estimate = estimate_config(_latency_model(target_model), batch_size, context_length, shape, CONSERVATIVE_DEFAULT,
-                               _latency_model(draft_model))
+                               _latency_model(draft_model), loop)
+    if not corrections:
+        return estimate.seconds
     return corrected([estimate], measured_step_times(target_model, draft_model, batch_size))[0].seconds
 
 

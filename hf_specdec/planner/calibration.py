@@ -284,10 +284,81 @@ def calibrate(model, shape: ModelShape | None = None, grid: Grid = QUICK_GRID, r
     return calibration
 
 
+# a cached calibration whose largest point now times this much off (relative) is measured again; the largest,
+# because a forward of a few milliseconds varies by a quarter from run to run on a shared 2-core machine
+DRIFT = 0.3
+_CHECKED: dict[Path, Hardware] = {}
+
+
+def drifted(model, calibration: Calibration) -> bool:
+    """Whether this machine no longer runs the calibration's largest point as measured: a device name ("AMD EPYC x2
+    threads") covers other machines (a cloud host, another session), and a cache may outlive the machine it was
+    measured on. A few forwards, once per process and model."""
+    largest = max(calibration.samples, key=lambda s: s.seconds)
+    now = time_forward(model, largest.batch, largest.new_tokens, largest.context, repeats=3)
+    return abs(now / largest.seconds - 1) > DRIFT
+
+
 def calibrated_hardware(model, grid: Grid = QUICK_GRID, progress: bool = False) -> Hardware:
-    """The cached calibration of this model's config on its device, measuring it on first use."""
+    """The cached calibration of this model's config on its device, measuring it on first use and again where the
+    machine no longer runs it as measured (`drifted`)."""
     shape = shape_from_config(model.config)
     dtype = str(model.dtype).removeprefix("torch.")
-    cached = load_calibration(device_name(model.device), shape, dtype)
-    return (cached or calibrate(model, shape, grid, progress=progress)).hardware
+    device = device_name(model.device)
+    path = calibration_path(device, shape, dtype)
+    if path not in _CHECKED:
+        cached = load_calibration(device, shape, dtype)
+        if cached is None or not cached.samples or drifted(model, cached):
+            cached = calibrate(model, shape, grid, progress=progress)
+        _CHECKED[path] = cached.hardware
+    return _CHECKED[path]
 
+
+
+# ------------------------------------------------------------------ predictions that meet the measurements
+def _interpolate(grid: list[float], values: list[float], x: float) -> float:
+    """Piecewise-linear in `grid` (sorted), constant beyond its ends."""
+    return float(np.interp(x, grid, values))
+
+
+@dataclass(frozen=True)
+class MeasuredLatency:
+    """The calibrated latency model made to meet the forwards it was fitted to: at a calibration point it predicts
+    what was measured there (each operator group scaled alike), between points it interpolates the measured-to-model
+    ratio (linearly in new tokens, then in context; at the nearest measured batch size), beyond them it keeps the
+    nearest ratio. A roofline of five throughputs misses what a 1-layer draft's per-forward Python costs or how a
+    CPU GEMM's cost steps with its row count; the measurements have it."""
+
+    model: LatencyModel
+    samples: tuple[Sample, ...]
+
+    def ratio(self, batch: int, new_tokens: int, context: int) -> float:
+        batches = sorted({s.batch for s in self.samples})
+        nearest = min(batches, key=lambda b: (abs(b - batch), b))
+        by_context: dict[int, list[tuple[int, float]]] = {}
+        for s in self.samples:
+            if s.batch == nearest:
+                by_context.setdefault(s.context, []).append(
+                    (s.new_tokens, s.seconds / self.model.seconds(s.batch, s.new_tokens, s.context)))
+        contexts = sorted(by_context)
+        per_context = []
+        for c in contexts:
+            points = sorted(by_context[c])
+            per_context.append(_interpolate([n for n, _ in points], [r for _, r in points], new_tokens))
+        return _interpolate(contexts, per_context, context)
+
+    def forward(self, batch: int, new_tokens: int, context: int) -> dict[str, float]:
+        scale = self.ratio(batch, new_tokens, context)
+        return {group: scale * seconds for group, seconds in self.model.forward(batch, new_tokens, context).items()}
+
+    def seconds(self, batch: int, new_tokens: int, context: int) -> float:
+        return sum(self.forward(batch, new_tokens, context).values())
+
+
+def measured_latency(model, latency: LatencyModel) -> "LatencyModel | MeasuredLatency":
+    """`latency` meeting the cached calibration's measured forwards of `model`, where `latency` is that calibration's
+    model (else, e.g. a given hardware profile, `latency` as it is)."""
+    cached = load_calibration(device_name(model.device), latency.shape, latency.dtype)
+    if cached is None or cached.hardware != latency.hardware or not cached.samples:
+        return latency
+    return MeasuredLatency(latency, cached.samples)

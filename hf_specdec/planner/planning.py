@@ -1,8 +1,10 @@
 """Speedup of a tree shape: block efficiency over the step latency normalised by plain decoding.
 
-    speedup = block_efficiency / ((T_target(b, N + 1, s) + sum_passes T_draft(b, tokens_pass, s)) / T_target(b, 1, s))
+    speedup = block_efficiency / ((T_target(b, N + 1, s) + sum_passes T_draft(b, tokens_pass, s) + T_loop(shape, b))
+                                  / (T_target(b, 1, s) + T_plain_loop(b)))
 
-N is the tree size (the root is scored with it); the draft makes `depth` sequential passes (trees.draft_pass_tokens).
+N is the tree size (the root is scored with it); the draft makes `depth` sequential passes (trees.draft_pass_tokens);
+T_loop is the loop's own work per step and T_plain_loop HF generate's per token, both measured here (loop_cost.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.planner.acceptance import AcceptanceModel
 from hf_specdec.planner.latency import LatencyModel
+from hf_specdec.planner.loop_cost import LoopCost
 from hf_specdec.planner.trees import default_candidates, draft_pass_tokens
 
 
@@ -23,11 +26,12 @@ class StepEstimate:
     block_efficiency: float
     target_seconds: dict[str, float]  # per operator group
     draft_seconds: float
-    baseline_seconds: float  # the target's forward at one token: plain decoding
+    baseline_seconds: float  # a token of plain decoding: the target's one-token forward (+ HF generate's own work)
+    loop_seconds: float = 0.0  # the speculative loop's own work per step (loop_cost.py; 0 where not measured)
 
     @property
     def seconds(self) -> float:
-        return sum(self.target_seconds.values()) + self.draft_seconds
+        return sum(self.target_seconds.values()) + self.draft_seconds + self.loop_seconds
 
     @property
     def normalized_latency(self) -> float:
@@ -41,6 +45,8 @@ class StepEstimate:
         groups = {g: s / self.baseline_seconds for g, s in self.target_seconds.items()}
         if self.draft_seconds:
             groups["draft"] = self.draft_seconds / self.baseline_seconds
+        if self.loop_seconds:
+            groups["loop"] = self.loop_seconds / self.baseline_seconds
         return groups
 
     def to_json(self) -> dict:
@@ -58,7 +64,8 @@ class StepEstimate:
 
 
 def estimate(target: LatencyModel, batch: int, context: int, candidates: int, block_efficiency: float,
-             config: SpeculativeConfig | None = None, draft: LatencyModel | None = None) -> StepEstimate:
+             config: SpeculativeConfig | None = None, draft: LatencyModel | None = None,
+             loop: LoopCost | None = None) -> StepEstimate:
     draft_seconds = 0.0
     if draft is not None and config is not None:
         draft_seconds = sum(draft.seconds(batch, tokens, context) for tokens in draft_pass_tokens(config))
@@ -69,13 +76,16 @@ def estimate(target: LatencyModel, batch: int, context: int, candidates: int, bl
         block_efficiency=block_efficiency,
         target_seconds=target.forward(batch, candidates, context),
         draft_seconds=draft_seconds,
-        baseline_seconds=target.seconds(batch, 1, context),
+        baseline_seconds=target.seconds(batch, 1, context) + (loop.plain_seconds if loop is not None else 0.0),
+        loop_seconds=loop.seconds(config) if loop is not None and config is not None else 0.0,
     )
 
 
 def estimate_config(target: LatencyModel, batch: int, context: int, config: SpeculativeConfig,
-                    acceptance: AcceptanceModel, draft: LatencyModel | None = None) -> StepEstimate:
-    return estimate(target, batch, context, config.tree_size + 1, acceptance.block_efficiency(config), config, draft)
+                    acceptance: AcceptanceModel, draft: LatencyModel | None = None,
+                    loop: LoopCost | None = None) -> StepEstimate:
+    return estimate(target, batch, context, config.tree_size + 1, acceptance.block_efficiency(config), config, draft,
+                    loop)
 
 
 def estimate_candidates(target: LatencyModel, batch: int, context: int, candidates: int,
@@ -107,8 +117,10 @@ def growth_threshold(estimate: StepEstimate) -> float:
 
 
 def rank(target: LatencyModel, batch: int, context: int, acceptance: AcceptanceModel,
-         draft: LatencyModel | None = None, candidates: list[SpeculativeConfig] | None = None) -> list[StepEstimate]:
+         draft: LatencyModel | None = None, candidates: list[SpeculativeConfig] | None = None,
+         loop: LoopCost | None = None) -> list[StepEstimate]:
     """Every candidate shape's estimate, best predicted speedup first."""
     shapes = default_candidates() if candidates is None else candidates
-    estimates = [estimate_config(target, batch, context, c, acceptance, draft) for c in shapes if c.is_speculative]
+    estimates = [estimate_config(target, batch, context, c, acceptance, draft, loop) for c in shapes
+                 if c.is_speculative]
     return sorted(estimates, key=lambda e: e.speedup, reverse=True)

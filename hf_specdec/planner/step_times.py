@@ -1,12 +1,12 @@
 """Measured step times: what `auto` learns besides acceptance, so that a wrong latency model corrects itself.
 
-The latency model predicts a step from a roofline fit of the target's and the draft's forwards; the loop's own work
-(drafting bookkeeping, processors, verification, commit) and kernel effects the fit misses (a CPU GEMM of 7 rows that
-costs twice one of 1 row) are not in it. Every run of `auto` records what a step really took: a speculative step
-(seconds per target call, everything but the prefill) or a plain `generate` token (seconds per token, as a user runs
-it). The planner then predicts each shape's step as the model's prediction times the measured-to-predicted ratio
-(the shape's own, or the median over the shapes measured at this batch size) and divides by the measured plain token
-where there is one.
+The latency model predicts a step from a roofline fit of the target's and the draft's forwards plus the loop's own
+work measured with near-free stand-ins (loop_cost.py); what that misses (kernel effects the fit does not capture, the
+real draft's bookkeeping) shows in the step. Every speculative run records what a step really took (seconds per
+target call, everything but the prefill), and every plain `generate` that `auto` chose what a token took, as a user
+runs it. The planner then predicts each shape's step as the model's prediction times the measured-to-predicted ratio (the shape's
+own, or the median over the shapes measured at this batch size) and divides by the measured plain token where there
+is one.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def corrected(estimates: list, measured: dict[str, float]) -> list:
             estimate,
             target_seconds={group: ratio * seconds for group, seconds in estimate.target_seconds.items()},
             draft_seconds=ratio * estimate.draft_seconds,
+            loop_seconds=ratio * estimate.loop_seconds,
             baseline_seconds=measured.get(PLAIN, estimate.baseline_seconds),
         ))
     return sorted(out, key=lambda e: e.speedup, reverse=True)

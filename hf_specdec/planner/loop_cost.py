@@ -1,0 +1,165 @@
+"""The loop's own cost per step, measured on this machine: what a step spends outside the models' forwards.
+
+A speculative step is both models' forwards plus the loop's work around them: drafting bookkeeping and sampling per
+draft pass, logits processors and softmaxes per scored token, verification (recursive rejection tests vocabulary-wide
+distributions once per candidate it walks, min(N, L + P) of them; SpecTr solves for rho by bisection at every depth;
+greedy compares argmaxes) and the commit. On a CPU with a 49k vocabulary that is several milliseconds per step and
+grows with the tree (deep trees spent as much on verification as on the target forward), so a step model of forwards
+alone under-predicts exactly the shapes it should warn against.
+
+`loop_cost` measures it once per device, vocabulary, draft kind, batch size and sampling settings (cached): the real
+loop runs a few design shapes with near-free models of the pair's vocabulary (`overhead.py`: 1 layer, hidden 64; a
+feature draft where the pair has one, with the draft's kept vocabulary), every forward timed and subtracted, and a
+non-negative least-squares fit over the terms above predicts any shape. HF `generate` is measured the same way: its own
+overhead per token is what plain decoding adds to the target's one-token forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hf_specdec.config import SpeculativeConfig
+from hf_specdec.planner.storage import cache_dir, slug
+from hf_specdec.planner.trees import draft_pass_tokens
+from hf_specdec.verification import rule_for_method
+
+TERMS = ("per step", "per draft pass", "per scored token", "per verification walk step", "per SpecTr depth")
+# shapes the fit is measured on: chains, wide and deep trees of every method (about ten seconds on 2 CPU cores)
+DESIGN = ("sd:l=1", "sd:l=4", "sd:l=8", "rsd-c:b=4-1", "rsd-c:b=2-2-1-1", "rsd-s:w=2,d=4", "rsd-s:w=4,d=8",
+          "spectr:k=2,l=4", "spectr:k=4,l=8")
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The generation settings that change the loop's own work: the verification rule and the processors' supports
+    (top-k 50, transformers' default, leaves a few dozen tokens per node; top-k 0 the whole vocabulary)."""
+
+    do_sample: bool = True
+    top_k: int = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+
+    @classmethod
+    def of(cls, generation_config) -> "Sampling":
+        if not generation_config.do_sample:
+            return cls.greedy()
+        return cls(True, int(generation_config.top_k or 0), float(generation_config.top_p or 1.0),
+                   generation_config.min_p)
+
+    @classmethod
+    def greedy(cls) -> "Sampling":
+        return cls(False, 0, 1.0, None)
+
+    def generate_kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": 1.0, "top_k": self.top_k, "top_p": self.top_p, "min_p": self.min_p}
+
+    def key(self) -> str:
+        if not self.do_sample:
+            return "greedy"
+        return f"sample-k{self.top_k}-p{self.top_p:g}" + (f"-minp{self.min_p:g}" if self.min_p else "")
+
+
+def terms(config: SpeculativeConfig, do_sample: bool) -> np.ndarray:
+    """A shape's coefficients on TERMS."""
+    passes = draft_pass_tokens(config)
+    size, depth = config.tree_size, config.depth
+    paths = config.level_widths()[-1]  # leaves: every path ends at the last level
+    rule = rule_for_method(config.method, do_sample)
+    walk = min(size, depth + paths) if rule == "rrs" else depth
+    return np.array([1.0, len(passes), size + 1.0, walk, depth if rule == "spectr" else 0.0])
+
+
+@dataclass(frozen=True)
+class LoopCost:
+    """Seconds per step outside the forwards: `coefficients` on TERMS; `plain_seconds`: HF generate's per token."""
+
+    coefficients: tuple[float, ...]
+    plain_seconds: float
+    samples: tuple[tuple[str, float], ...] = ()  # (config, measured seconds) the fit came from
+    do_sample: bool = True
+
+    def seconds(self, config: SpeculativeConfig) -> float:
+        if not config.is_speculative:
+            return self.plain_seconds
+        return float(terms(config, self.do_sample) @ np.array(self.coefficients))
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LoopCost":
+        return cls(tuple(data["coefficients"]), data["plain_seconds"], tuple(map(tuple, data["samples"])),
+                   data["do_sample"])
+
+
+def fit(samples: list[tuple[str, float]], plain_seconds: float, do_sample: bool) -> LoopCost:
+    """The non-negative coefficients that best explain `samples` (relative errors, as the forward calibration)."""
+    from hf_specdec.planner.calibration import nonnegative_least_squares
+
+    measured = np.array([seconds for _, seconds in samples])
+    a = np.array([terms(SpeculativeConfig.parse(config), do_sample) for config, _ in samples]) / measured[:, None]
+    coefficients = nonnegative_least_squares(a, np.ones(len(samples)))
+    return LoopCost(tuple(float(c) for c in coefficients), plain_seconds, tuple(samples), do_sample)
+
+
+def near_free_pair(target_model, draft_model):
+    """Near-free stand-ins for the pair: the target's vocabulary, and a draft of the same kind (a feature draft keeps
+    the real draft's output vocabulary)."""
+    from hf_specdec.feature_draft import FeatureDraftConfig, FeatureDraftForCausalLM, reads_target_features
+    from hf_specdec.overhead import near_free_model
+
+    vocab = target_model.config.get_text_config().vocab_size
+    target = near_free_model(vocab)
+    if not reads_target_features(draft_model):
+        return target, near_free_model(vocab, seed=1)
+    draft_config = FeatureDraftConfig(
+        vocab_size=vocab, hidden_size=target.config.hidden_size, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=False,
+        kept_token_ids=list(draft_model.config.kept_token_ids), oov_embedding_rank=4, pad_token_id=0)
+    return target, FeatureDraftForCausalLM(draft_config).eval()
+
+
+def measure_loop_cost(target_model, draft_model, batch: int, sampling: Sampling, new_tokens: int = 8,
+                      progress: bool = True) -> LoopCost:
+    """Run the design shapes and HF generate with near-free stand-ins of the pair (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    from hf_specdec.overhead import loop_overhead, plain_overhead
+
+    target, draft = near_free_pair(target_model, draft_model)
+    samples = []
+    for config in tqdm(DESIGN, desc="timing the loop", disable=not progress, unit="shape"):
+        samples.append((config, loop_overhead(target, draft, config, batch, new_tokens, sampling.generate_kwargs())))
+    plain = plain_overhead(target, batch, new_tokens, sampling.generate_kwargs())
+    return fit(samples, plain, sampling.do_sample)
+
+
+def loop_cost_path(target_model, draft_model, batch: int, sampling: Sampling) -> Path:
+    from hf_specdec.feature_draft import reads_target_features
+    from hf_specdec.planner.calibration import device_name
+
+    vocab = target_model.config.get_text_config().vocab_size
+    kind = f"feature{len(draft_model.config.kept_token_ids)}" if reads_target_features(draft_model) else "standalone"
+    name = f"v{vocab}-{kind}-b{batch}-{sampling.key()}.json"
+    return cache_dir() / "loop_cost" / slug(device_name(target_model.device)) / name
+
+
+def loop_cost(target_model, draft_model, batch: int, sampling: Sampling, progress: bool = True) -> LoopCost:
+    """The cached measurement for this pair's kind, device, batch size and sampling settings; measured on first use."""
+    path = loop_cost_path(target_model, draft_model, batch, sampling)
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("format") == FORMAT:
+            return LoopCost.from_json(data)
+    cost = measure_loop_cost(target_model, draft_model, batch, sampling, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(cost.to_json(), indent=1))
+    return cost
