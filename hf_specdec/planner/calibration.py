@@ -125,8 +125,10 @@ def _available_memory(device) -> int | None:
         return None
 
 
-def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int = 3, warmup: int = 1) -> float:
-    """Median seconds of one forward of `new_tokens` per sequence over a KV cache of `context` tokens."""
+def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int = 3, warmup: int = 1,
+                 packed: bool | None = None) -> float:
+    """Median seconds of one forward of `new_tokens` per sequence over a KV cache of `context` tokens, with the linear
+    kernels the speculative loop runs for that many tokens (`packed`: prepacked or stock ones regardless)."""
     import torch
     from transformers import DynamicCache
 
@@ -148,8 +150,8 @@ def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int 
         mask = allowed
     mask = mask[None, None].expand(batch, 1, -1, -1)
     times = []
-    # time the linear kernels the speculative loop runs this model with for this many tokens
-    with torch.inference_mode(), packed_linears(model, prepacking_pays(model, new_tokens)), state_preserved(model):
+    packed = prepacking_pays(model, new_tokens) if packed is None else packed
+    with torch.inference_mode(), packed_linears(model, packed), state_preserved(model):
         for _ in range(warmup + repeats):
             cache = DynamicCache(ddp_cache_data=[(past, past)] * config.num_hidden_layers)
             _synchronize(device)
@@ -313,6 +315,29 @@ def calibrated_hardware(model, grid: Grid = QUICK_GRID, progress: bool = False) 
         _CHECKED[path] = cached.hardware
     return _CHECKED[path]
 
+
+
+_PLAIN_SCALE: dict[Path, float] = {}
+
+
+def plain_forward_scale(model) -> float:
+    """How much slower a one-token forward runs as plain `generate` runs it (stock linear kernels) than as the
+    calibration timed it (the loop's kernels: prepacked where that pays, `cpu_kernels`): 1 where they are the same.
+    Timed once per process and model, interleaved."""
+    from hf_specdec.backends.cpu_kernels import prepacking_pays
+
+    path = calibration_path(device_name(model.device), shape_from_config(model.config),
+                            str(model.dtype).removeprefix("torch."))
+    if path not in _PLAIN_SCALE:
+        scale = 1.0
+        if prepacking_pays(model, 1):
+            stock, packed = [], []
+            for _ in range(3):
+                stock.append(time_forward(model, 1, 1, 128, repeats=1, packed=False))
+                packed.append(time_forward(model, 1, 1, 128, repeats=1, packed=True))
+            scale = statistics.median(stock) / statistics.median(packed)
+        _PLAIN_SCALE[path] = scale
+    return _PLAIN_SCALE[path]
 
 
 # ------------------------------------------------------------------ predictions that meet the measurements
