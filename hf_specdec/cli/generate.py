@@ -158,11 +158,15 @@ def run(args: argparse.Namespace) -> int:
     streamer = None if args.no_stream or not prints else TextStreamer(tokenizer, skip_prompt=True,
                                                                      skip_special_tokens=True)
     sequences, stats = generate(inputs, streamer)
-    if not prints:
-        return 0
-    if args.no_stream:
-        new_tokens = sequences[0, inputs["input_ids"].shape[1]:]
-        print(tokenizer.decode(new_tokens, skip_special_tokens=True))
-    rate = stats.generated_tokens / max(stats.time_total, 1e-9)
-    print(f"[{stats.summary()}; {rate:.1f} tokens/s]", file=sys.stderr)
+    if prints:
+        if args.no_stream:
+            new_tokens = sequences[0, inputs["input_ids"].shape[1]:]
+            print(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        rate = stats.generated_tokens / max(stats.time_total, 1e-9)
+        print(f"[{stats.summary()}; {rate:.1f} tokens/s]", file=sys.stderr)
+    if args.tp_plan:
+        # the ranks leave together: one exiting with its process group alive can abort the other's gloo threads
+        # ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
