@@ -111,20 +111,20 @@ def fit(samples: list[tuple[str, float]], plain_seconds: float, do_sample: bool)
 
 
 def near_free_pair(target_model, draft_model):
-    """Near-free stand-ins for the pair: the target's vocabulary, and a draft of the same kind (a feature draft keeps
-    the real draft's output vocabulary)."""
+    """Near-free stand-ins for the pair on the target's device: the target's vocabulary, and a draft of the same kind
+    (a feature draft keeps the real draft's output vocabulary)."""
     from hf_specdec.feature_draft import FeatureDraftConfig, FeatureDraftForCausalLM, reads_target_features
     from hf_specdec.overhead import near_free_model
 
-    vocab = target_model.config.get_text_config().vocab_size
-    target = near_free_model(vocab)
+    vocab, device = target_model.config.get_text_config().vocab_size, target_model.device
+    target = near_free_model(vocab, device)
     if not reads_target_features(draft_model):
-        return target, near_free_model(vocab, seed=1)
+        return target, near_free_model(vocab, device, seed=1)
     draft_config = FeatureDraftConfig(
         vocab_size=vocab, hidden_size=target.config.hidden_size, intermediate_size=128, num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=False,
         kept_token_ids=list(draft_model.config.kept_token_ids), oov_embedding_rank=4, pad_token_id=0)
-    return target, FeatureDraftForCausalLM(draft_config).eval()
+    return target, FeatureDraftForCausalLM(draft_config).to(device).eval()
 
 
 def measure_loop_cost(target_model, draft_model, batch: int, sampling: Sampling, new_tokens: int = 8,
