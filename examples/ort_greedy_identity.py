@@ -3,7 +3,8 @@ on held-out prompts: the speculative text must be the plain text, prompt by prom
 differs, how many prompts were identical, and tokens/s of each.
 
     hf-specdec export --out runs/onnx-int4 --quantize int4
-    python examples/ort_greedy_identity.py runs/onnx-int4 [--prompts 20] [--max-new-tokens 64] [--configs rsd-c:b=2-2 sd:l=4]
+    python examples/ort_greedy_identity.py runs/onnx-int4 [--prompts 20] [--max-new-tokens 64] \
+        [--configs rsd-c:b=2-2 sd:l=4]
 """
 
 from __future__ import annotations

@@ -31,11 +31,12 @@ buffers (on CPU, allocating them per operation costs more than the arithmetic).
 The compact path (`verify_tree_batched(compact=...)`, by default for the sampling rules on CPU tensors): after the
 logits processors (top-k, top-p, min-p) p and q are zero but on a few dozen tokens per node, and the work above is
 per vocabulary entry. `compact_vocabulary` keeps, per node, the union of the supports of p and q (a bound on its size
-per node first, the nonzeros of p and q, whose largest, K, is the one number read back to the host: a support wider than half the vocabulary, as
-sampling without top-k leaves, is not compacted and costs just that count; then work proportional to the supports); on those few entries a step costs its number of tensor operations, so `_verify_everywhere`
-takes every node's decisions at once (RRS: Theta_k, q_k of every node, one step per candidate of the node with the
-most; SpecTr: one bisection for every node) and then walks one step per depth. Same formulas, same tokens (sums run
-over the support only: another summation order).
+per node first, the nonzeros of p and q, whose largest, K, is the one number read back to the host: a support wider
+than half the vocabulary, as sampling without top-k leaves, is not compacted and costs just that count; then work
+proportional to the supports); on those few entries a step costs its number of tensor operations, so
+`_verify_everywhere` takes every node's decisions at once (RRS: Theta_k, q_k of every node, one step per candidate
+of the node with the most; SpecTr: one bisection for every node) and then walks one step per depth. Same formulas,
+same tokens (sums run over the support only: another summation order).
 """
 
 from __future__ import annotations
@@ -133,6 +134,13 @@ def _tokens_of(node_tokens: torch.Tensor, nodes: torch.Tensor, valid: torch.Tens
     return torch.where(valid, node_tokens.gather(1, nodes.flatten(1)).view_as(nodes), 0)
 
 
+def _rejection_residual(theta: torch.Tensor, q: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Theta - q)+ into `out`, and its vocabulary sum: the residual after a rejection, before `norm` (which keeps
+    Theta where the sum is 0)."""
+    torch.sub(theta, q, out=out).clamp_(min=0.0)
+    return out, out.sum(-1, keepdim=True)
+
+
 def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
     """RRS: candidate tests as steps (see the module docstring). Returns accepted_nodes [B, L] and, per row, the
     distribution the next token is drawn from: the last Theta where the row rejected, else p at its last node."""
@@ -165,8 +173,7 @@ def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
         hit = walking & (uniform.double() < accept).squeeze(1)
         miss = walking & ~hit
         # rejected: Theta_{k+1} = norm((Theta_k - q_k)+) (kept where that sums to 0), q_{k+1} = norm(q_k without X_k)
-        torch.sub(theta, qk, out=rest).clamp_(min=0.0)
-        rest_total = rest.sum(-1, keepdim=True)
+        rest, rest_total = _rejection_residual(theta, qk, rest)
         update = miss & (rest_total > 0).squeeze(1)
         theta_rows.index_copy_(0, torch.where(update, rows, spare), rest.div_(rest_total))
         qk.scatter_(1, token, 0.0)  # rows that did not reject reload q below (or are done with it)
@@ -211,8 +218,7 @@ def _walk_chain(paths, node_tokens, target, draft, uniforms):
     rejected = num_accepted < on_chain.sum(-1)  # stopped at a candidate it tested
     theta = target.load(last, torch.empty(batch, target.vocab, dtype=torch.float64, device=paths.device))
     q = draft.load(last, torch.empty_like(theta))
-    rest = torch.sub(theta, q, out=q).clamp_(min=0.0)
-    rest_total = rest.sum(-1, keepdim=True)
+    rest, rest_total = _rejection_residual(theta, q, q)
     use_residual = rejected[:, None] & (rest_total > 0)
     return accepted_nodes, torch.where(use_residual, rest.div_(rest_total), theta)
 
@@ -405,12 +411,13 @@ def _support_bounds(p: torch.Tensor, q: torch.Tensor | None, has_children: torch
 
 class _Support:
     """What compacting a verification problem needs, from one read back: `width` = a bound on the largest support of
-    any (row, node) + 1 (the compact vocabulary, a zero slot included; `_support_bounds`); each node's parent; and the candidate table of every node (`_path_children`,
-    distinct for RRS) with `steps`, the most candidates any node has. `entries()` then lists the support itself (work
-    proportional to it): only when the problem is compacted, not when its support turns out too wide."""
+    any (row, node) + 1 (the compact vocabulary, a zero slot included; `_support_bounds`); each node's parent; and the
+    candidate table of every node (`_path_children`, distinct for RRS) with `steps`, the most candidates any node has.
+    `entries()` then lists the support itself (work proportional to it): only when the problem is compacted, not when
+    its support turns out too wide."""
 
     def __init__(self, inputs: VerifyInputs, paths: torch.Tensor):
-        batch, slots, vocab = inputs.target_probs.shape
+        batch, slots, _ = inputs.target_probs.shape
         device = paths.device
         self.parents, self.has_children = _tree_parents(paths, slots)
         table = _path_children(paths, inputs.accept_uniforms.to(device), slots)
@@ -505,8 +512,7 @@ def _recursive_rejection_everywhere(p, q, tokens, valid, steps):
         q_token, theta_token = qk.gather(2, token), theta.gather(2, token)
         accept[:, :, k, None] = torch.where(q_token > 0, (theta_token / q_token).clamp(max=1.0), 0.0)
         # rejected: Theta_{k+1} = norm((Theta_k - q_k)+) (kept where that sums to 0), q_{k+1} = norm(q_k without X_k)
-        torch.sub(theta, qk, out=rest).clamp_(min=0.0)
-        rest_total = rest.sum(-1, keepdim=True)
+        rest, rest_total = _rejection_residual(theta, qk, rest)
         theta = torch.where(active & (rest_total > 0), rest.div_(rest_total), theta)
         qk.scatter_(2, token, 0.0)  # a node past its candidates: q is not read any more
         q_total = qk.sum(-1, keepdim=True)
@@ -595,8 +601,9 @@ def verify_tree_batched(inputs: VerifyInputs, compact: bool | None = None) -> Ve
     `compact`: verify on the union of the supports of p and q instead of the vocabulary (`compact_vocabulary`, with
     every node's decision computed at once: `_verify_everywhere`; the same tokens). None (default): for the
     sampling rules on CPU tensors with a vocabulary of at least COMPACT_MIN_VOCAB (but not RRS on chains, whose walk
-    reads one node's distributions only), when the compact vocabulary is at most COMPACT_MAX_SHARE of it; learning its size reads back one small tensor, the only read (elsewhere, e.g. on
-    CUDA, nothing is read back). True: always (sampling rules); False: never."""
+    reads one node's distributions only), when the compact vocabulary is at most COMPACT_MAX_SHARE of it; learning its
+    size reads back one small tensor, the only read (elsewhere, e.g. on CUDA, nothing is read back). True: always
+    (sampling rules); False: never."""
     inputs.check()
     if _compaction_considered(inputs, compact):
         support = _Support(inputs, inputs.paths.to(device=inputs.target_probs.device, dtype=torch.long))

@@ -14,6 +14,7 @@ which overlaps the two, the fitted throughputs absorb the difference (largest ne
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -289,7 +290,12 @@ def calibrate(model, shape: ModelShape | None = None, grid: Grid = QUICK_GRID, r
 # a cached calibration whose largest point now times this much off (relative) is measured again; the largest,
 # because a forward of a few milliseconds varies by a quarter from run to run on a shared 2-core machine
 DRIFT = 0.3
-_CHECKED: dict[Path, Hardware] = {}
+_CHECKED: dict[Path, Calibration] = {}  # this process's calibrations, checked against the machine
+
+
+def _model_key(model) -> tuple[str, ModelShape, str]:
+    """(device name, shape, dtype): what a calibration of `model` is kept under."""
+    return device_name(model.device), shape_from_config(model.config), str(model.dtype).removeprefix("torch.")
 
 
 def drifted(model, calibration: Calibration) -> bool:
@@ -304,17 +310,14 @@ def drifted(model, calibration: Calibration) -> bool:
 def calibrated_hardware(model, grid: Grid = QUICK_GRID, progress: bool = False) -> Hardware:
     """The cached calibration of this model's config on its device, measuring it on first use and again where the
     machine no longer runs it as measured (`drifted`)."""
-    shape = shape_from_config(model.config)
-    dtype = str(model.dtype).removeprefix("torch.")
-    device = device_name(model.device)
+    device, shape, dtype = _model_key(model)
     path = calibration_path(device, shape, dtype)
     if path not in _CHECKED:
         cached = load_calibration(device, shape, dtype)
         if cached is None or not cached.samples or drifted(model, cached):
             cached = calibrate(model, shape, grid, progress=progress)
-        _CHECKED[path] = cached.hardware
-    return _CHECKED[path]
-
+        _CHECKED[path] = cached
+    return _CHECKED[path].hardware
 
 
 _PLAIN_SCALE: dict[Path, float] = {}
@@ -323,20 +326,13 @@ _PLAIN_SCALE: dict[Path, float] = {}
 def plain_forward_scale(model) -> float:
     """How much slower a one-token forward runs as plain `generate` runs it (stock linear kernels) than as the
     calibration timed it (the loop's kernels: prepacked where that pays, `cpu_kernels`): 1 where they are the same.
-    Timed once per process and model, interleaved."""
+    Timed once per process and model."""
     from hf_specdec.backends.cpu_kernels import prepacking_pays
 
-    path = calibration_path(device_name(model.device), shape_from_config(model.config),
-                            str(model.dtype).removeprefix("torch."))
+    path = calibration_path(*_model_key(model))
     if path not in _PLAIN_SCALE:
-        scale = 1.0
-        if prepacking_pays(model, 1):
-            stock, packed = [], []
-            for _ in range(3):
-                stock.append(time_forward(model, 1, 1, 128, repeats=1, packed=False))
-                packed.append(time_forward(model, 1, 1, 128, repeats=1, packed=True))
-            scale = statistics.median(stock) / statistics.median(packed)
-        _PLAIN_SCALE[path] = scale
+        _PLAIN_SCALE[path] = (time_forward(model, 1, 1, 128, packed=False) / time_forward(model, 1, 1, 128, packed=True)
+                              if prepacking_pays(model, 1) else 1.0)
     return _PLAIN_SCALE[path]
 
 
@@ -357,19 +353,20 @@ class MeasuredLatency:
     model: LatencyModel
     samples: tuple[Sample, ...]
 
+    @functools.cached_property
+    def _ratios(self) -> dict[int, dict[int, list[tuple[int, float]]]]:
+        """batch -> context -> [(new tokens, measured / model)], sorted: computed once, read by every prediction."""
+        table: dict[int, dict[int, list[tuple[int, float]]]] = {}
+        for s in sorted(self.samples, key=lambda s: s.new_tokens):
+            ratio = s.seconds / self.model.seconds(s.batch, s.new_tokens, s.context)
+            table.setdefault(s.batch, {}).setdefault(s.context, []).append((s.new_tokens, ratio))
+        return table
+
     def ratio(self, batch: int, new_tokens: int, context: int) -> float:
-        batches = sorted({s.batch for s in self.samples})
-        nearest = min(batches, key=lambda b: (abs(b - batch), b))
-        by_context: dict[int, list[tuple[int, float]]] = {}
-        for s in self.samples:
-            if s.batch == nearest:
-                by_context.setdefault(s.context, []).append(
-                    (s.new_tokens, s.seconds / self.model.seconds(s.batch, s.new_tokens, s.context)))
+        by_context = self._ratios[min(self._ratios, key=lambda b: (abs(b - batch), b))]
         contexts = sorted(by_context)
-        per_context = []
-        for c in contexts:
-            points = sorted(by_context[c])
-            per_context.append(_interpolate([n for n, _ in points], [r for _, r in points], new_tokens))
+        per_context = [_interpolate([n for n, _ in by_context[c]], [r for _, r in by_context[c]], new_tokens)
+                       for c in contexts]
         return _interpolate(contexts, per_context, context)
 
     def forward(self, batch: int, new_tokens: int, context: int) -> dict[str, float]:
@@ -383,7 +380,9 @@ class MeasuredLatency:
 def measured_latency(model, latency: LatencyModel) -> "LatencyModel | MeasuredLatency":
     """`latency` meeting the cached calibration's measured forwards of `model`, where `latency` is that calibration's
     model (else, e.g. a given hardware profile, `latency` as it is)."""
-    cached = load_calibration(device_name(model.device), latency.shape, latency.dtype)
+    device = device_name(model.device)
+    cached = _CHECKED.get(calibration_path(device, latency.shape, latency.dtype)) or \
+        load_calibration(device, latency.shape, latency.dtype)
     if cached is None or cached.hardware != latency.hardware or not cached.samples:
         return latency
     return MeasuredLatency(latency, cached.samples)

@@ -152,14 +152,18 @@ def loop_cost_path(target_model, draft_model, batch: int, sampling: Sampling) ->
     return cache_dir() / "loop_cost" / slug(device_name(target_model.device)) / name
 
 
+_LOADED: dict[Path, LoopCost] = {}  # read (or measured) once per process
+
+
 def loop_cost(target_model, draft_model, batch: int, sampling: Sampling, progress: bool = True) -> LoopCost:
     """The cached measurement for this pair's kind, device, batch size and sampling settings; measured on first use."""
     path = loop_cost_path(target_model, draft_model, batch, sampling)
-    if path.is_file():
-        data = json.loads(path.read_text())
+    if path not in _LOADED:
+        data = json.loads(path.read_text()) if path.is_file() else {}
         if data.get("format") == FORMAT:
-            return LoopCost.from_json(data)
-    cost = measure_loop_cost(target_model, draft_model, batch, sampling, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cost.to_json(), indent=1))
-    return cost
+            _LOADED[path] = LoopCost.from_json(data)
+        else:
+            _LOADED[path] = measure_loop_cost(target_model, draft_model, batch, sampling, progress=progress)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(_LOADED[path].to_json(), indent=1))
+    return _LOADED[path]

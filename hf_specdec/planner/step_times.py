@@ -1,12 +1,12 @@
 """Measured step times: what `auto` learns besides acceptance, so that a wrong latency model corrects itself.
 
-The latency model predicts a step from a roofline fit of the target's and the draft's forwards plus the loop's own
-work measured with near-free stand-ins (loop_cost.py); what that misses (kernel effects the fit does not capture, the
-real draft's bookkeeping) shows in the step. Every speculative run records what a step really took (seconds per
-target call, everything but the prefill), and every plain `generate` that `auto` chose what a token took, as a user
-runs it. The planner then predicts each shape's step as the model's prediction times the measured-to-predicted ratio (the shape's
-own, or the median over the shapes measured at this batch size) and divides by the measured plain token where there
-is one.
+The latency model predicts a step from a roofline fit of the target's and the draft's forwards plus the loop's own work
+measured with near-free stand-ins (loop_cost.py); what that misses (kernel effects the fit does not capture, the real
+draft's bookkeeping) shows in the step. Every speculative run records what a step really took (seconds per target call,
+everything but the prefill), and every plain `generate` that `auto` chose what a token took, as a user runs it. The
+planner then predicts each shape's step as the model's prediction times the measured-to-predicted ratio (the shape's
+own, or the median over the shapes measured at this batch size) and divides by the measured plain token where there is
+one.
 """
 
 from __future__ import annotations
