@@ -375,15 +375,24 @@ class _Candidate:
     bias: str | None  # Gemm's C, a 1-D initializer [N]
 
 
-def _candidate(node, initializers: dict) -> _Candidate | None:
-    """A node multiplying by a constant 2-D weight that MatMulNBits can take over, or None."""
+def _transposed_weights(graph, initializers: dict) -> dict[str, str]:
+    """Outputs of `Transpose(perm=[1, 0])` nodes over 2-D initializers -> those initializers: how a tied LM head is
+    traced (MatMul by the embedding table transposed)."""
+    return {node.output[0]: node.input[0] for node in graph.node
+            if node.domain in ("", "ai.onnx") and node.op_type == "Transpose" and node.input[0] in initializers
+            and len(initializers[node.input[0]].dims) == 2 and list(_attribute(node, "perm", [1, 0])) == [1, 0]}
+
+
+def _candidate(node, initializers: dict, transposed_weights: dict[str, str]) -> _Candidate | None:
+    """A node multiplying by a constant 2-D weight (or its transpose) that MatMulNBits can take over, or None."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
         return None
-    weight = initializers.get(node.input[1])
+    name = transposed_weights.get(node.input[1]) if node.op_type == "MatMul" else None
+    weight = initializers.get(name or node.input[1])
     if weight is None or len(weight.dims) != 2 or weight.data_type not in (TensorProto.FLOAT, TensorProto.FLOAT16):
         return None
     if node.op_type == "MatMul":
-        return _Candidate(node, node.input[1], False, None)
+        return _Candidate(node, name or node.input[1], name is not None, None)
     if _attribute(node, "alpha", 1.0) != 1.0 or _attribute(node, "transA", 0) != 0:
         return None
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
@@ -418,9 +427,10 @@ def quantize_graph(model: onnx.ModelProto, spec: QuantizationSpec, names: dict[t
     for the manifest: scheme, sources (how many weights each), and the weight products left in float."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
+    transposed_weights = _transposed_weights(graph, initializers)
     candidates = {}
     for node in graph.node:
-        candidate = _candidate(node, initializers)
+        candidate = _candidate(node, initializers, transposed_weights)
         if candidate is not None:
             candidates[node.output[0]] = candidate
     head = _head_node(graph, candidates)
@@ -459,8 +469,12 @@ def quantize_graph(model: onnx.ModelProto, spec: QuantizationSpec, names: dict[t
             sources[quantized.source] += 1
         level = spec.level_for(node.output[0] == head)
         new_nodes += _matmul_nbits(node, candidate, quantized, level, new_initializers, block_sums)
-        uses[candidate.weight] -= 1
+        uses[node.input[1]] -= 1
         replaced.add(candidate.weight)
+    # a Transpose whose products all became MatMulNBits goes, and so does its use of the weight
+    for node in [n for n in new_nodes if n.output and n.output[0] in transposed_weights and uses[n.output[0]] <= 0]:
+        new_nodes.remove(node)
+        uses[node.input[0]] -= 1
     graph.ClearField("node")
     graph.node.extend(new_nodes)
     unused = {name for name in replaced if uses[name] <= 0}

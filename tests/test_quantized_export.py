@@ -136,6 +136,30 @@ def test_a_weight_shared_by_two_products_is_stored_once():
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_tied_head_traced_as_a_transposed_embedding_is_quantized():
+    """A tied LM head too large for the exporter's constant folding is traced as MatMul(h, Transpose(table)): it
+    becomes MatMulNBits over the table's rows (no float copy of the head left), the embedding's Gather keeps the
+    table, and the Transpose goes."""
+    rng = np.random.default_rng(3)
+    table = rng.standard_normal((40, 64)).astype(np.float32)  # [vocab, hidden]
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["h"]),
+             helper.make_node("Transpose", ["table"], ["table_t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["h", "table_t"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["m"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["m", 40])],
+                              [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    record = quantize.quantize_graph(model, QuantizationSpec("int4", "int8"))
+    assert [node.op_type for node in model.graph.node] == ["Gather", "MatMulNBits"]
+    assert record["head"] == "int8" and record["quantized_matmuls"] == 1 and record["float_matmuls"] == 0
+    assert "table" in {init.name for init in model.graph.initializer}
+    ids = np.array([0, 7, 39])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    found = session.run(None, {"ids": ids})[0]
+    expected = table[ids] @ quantize.rtn_quantize(np.ascontiguousarray(table.T), 8).dequantize()
+    np.testing.assert_allclose(found, expected, rtol=0, atol=0.05 * np.abs(expected).max())  # int8 activations
+
+
 def test_unpermute_rows_inverts_llama_cpp():
     from onnx_fixtures import llama_cpp_permute
 
