@@ -10,6 +10,7 @@ interval).
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -87,7 +88,7 @@ class Record:
     weights: str = ""
     ran: str = ""  # auto: the configs it ran (one per prompt, distinct, in order)
     step_ms: float = float("nan")  # measured: decoding time per target call (our loop; HF's: per forward)
-    predicted_step_ms: float = float("nan")  # the planner's prediction, made before the setting ran
+    predicted_step_ms: float = float("nan")  # the planner's prediction of the steps that ran, at their depths
     log_likelihoods: list[float] = field(default_factory=list, repr=False)  # per prompt, mean per token
 
     def as_json(self) -> dict:
@@ -264,21 +265,42 @@ class Bench:
     def warm_up(self, setting: Setting) -> None:
         self._generate(setting, self.prompt_ids[0], max_new_tokens=4)
 
-    def predicted_step_ms(self, setting: Setting) -> float:
-        """The planner's step model for a speculative PyTorch setting (NaN for the others): calibrated forwards plus the
-        loop's measured work, without the corrections `auto` takes from recorded steps (so it tests the model)."""
+    def step_predictor(self, setting: Setting):
+        """The planner's step model for a speculative PyTorch setting (None for the others): seconds of a step drafting
+        to a given depth, from calibrated forwards plus the loop's measured work, without the corrections `auto` takes
+        from recorded steps (so it tests the model), at the machine's speed of the moment (`machine_speed`, timed just
+        before the setting runs: a shared machine drifts more within a bench run than the model's tolerance). Loaded
+        (calibrated, loop measured) before the setting runs."""
         if not self.predict or setting.backend != "pytorch" or setting.method not in ("sd", "spectr", "rsd-c", "rsd-s"):
-            return float("nan")
-        from hf_specdec.planner import predict_step_seconds
+            return None
+        from hf_specdec.planner import machine_speed, predict_step_seconds
         from hf_specdec.planner.loop_cost import Sampling
 
         context = int(sum(len(ids[0]) for ids in self.prompt_ids) / len(self.prompt_ids)) + self.max_new_tokens // 2
         sampling = Sampling(True, 0, 1.0) if setting.temperature > 0 else Sampling.greedy()  # as `_generate` runs
-        return 1e3 * predict_step_seconds(self.target, self.drafts[setting.draft], SpeculativeConfig.parse(setting.config),
-                                          1, context, sampling, corrections=False)
+        config, draft = SpeculativeConfig.parse(setting.config), self.drafts[setting.draft]
+        predict_step_seconds(self.target, draft, config, 1, context, sampling, corrections=False)  # load
+        speed = machine_speed(self.target, draft, context)
+
+        @functools.cache
+        def seconds(depth: int) -> float:
+            return predict_step_seconds(self.target, draft, config.truncated(depth), 1, context, sampling,
+                                        corrections=False, speed=speed)
+
+        return seconds
+
+    def drafted_depths(self, setting: Setting, stats) -> list[int]:
+        """The depth of every step of one generation: the loop drafts no deeper than the tokens left to generate
+        allow (batch 1: each step commits its accepted tokens and one more)."""
+        depth, generated, depths = SpeculativeConfig.parse(setting.config).depth, 0, []
+        for accepted in stats.accepted_lengths[0]:
+            depths.append(min(depth, max(self.max_new_tokens - generated - 1, 0)))
+            generated += accepted + 1
+        return depths
 
     def run(self, setting: Setting, progress=None) -> Record:
-        predicted = self.predicted_step_ms(setting)
+        predictor = self.step_predictor(setting)
+        depths = []
         tokens, seconds, target_calls, draft_calls = 0, 0.0, 0, 0
         decode_seconds, ran = 0.0, []
         log_likelihoods = []
@@ -297,6 +319,8 @@ class Bench:
             decode_seconds += (stats.time_total - stats.time_prefill) if stats is not None else float("nan")
             if setting.method == "auto":
                 ran.append(stats.config)
+            if predictor is not None:
+                depths += self.drafted_depths(setting, stats)
             log_likelihoods.append(mean_log_likelihood(self.target, input_ids[0], sequence[0]))
             if progress is not None:
                 progress.update(1)
@@ -324,7 +348,7 @@ class Bench:
             draft_calls=draft_calls,
             ran=", ".join(dict.fromkeys(ran)),
             step_ms=1e3 * decode_seconds / max(target_calls, 1),
-            predicted_step_ms=predicted,
+            predicted_step_ms=1e3 * sum(map(predictor, depths)) / len(depths) if predictor and depths else float("nan"),
             log_likelihoods=log_likelihoods,
         )
 

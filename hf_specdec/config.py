@@ -144,6 +144,16 @@ class SpeculativeConfig:
         """The same tree without dynamic growth (its largest shape)."""
         return SpeculativeConfig(self.method, self.depth, self.num_sequences, self.branching, self.beam_width)
 
+    def truncated(self, depth: int) -> "SpeculativeConfig":
+        """The largest shape cut to its first `depth` levels, as the loop drafts it with fewer tokens left to generate
+        (plain decoding at depth 0)."""
+        if depth >= self.depth:
+            return self.largest_shape()
+        if depth <= 0:
+            return SpeculativeConfig.ar()
+        branching = self.branching[:depth] if self.branching else self.branching
+        return SpeculativeConfig(self.method, depth, self.num_sequences, branching, self.beam_width)
+
     @property
     def tree_size(self) -> int:
         """Maximum number of draft tokens the target scores per step (the budget, excluding the root)."""

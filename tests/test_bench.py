@@ -6,10 +6,12 @@ import json
 import math
 
 import pytest
+import torch
 from feature_fixtures import tiny_feature_draft
 from tiny_models import character_tokenizer, perturbed_copy, tiny_model, word_tokenizer
 
 from hf_specdec.bench import Bench, config_for_budget, relate_to_plain, settings_for
+from hf_specdec.config import SpeculativeConfig
 from hf_specdec.cli.bench import format_table, plot_grid, write_csv, write_json
 
 KEYS = {"method", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s", "speedup", "accuracy"}
@@ -61,14 +63,38 @@ def test_outputs(records, tmp_path):
     assert "rsd-s:w=2,d=3" in format_table(records)
 
 
-def test_the_planner_predicts_each_speculative_step_before_it_runs():
+def test_the_planner_predicts_the_steps_at_the_depths_they_drafted(monkeypatch):
+    """The prediction covers the steps that ran: near the end of a generation the loop drafts no deeper than the
+    tokens left allow, and each step is predicted at its own depth."""
+    from hf_specdec import planner
+
     target = tiny_model("llama", vocab_size=96, scale=0.3)
     draft = perturbed_copy(target, noise=0.05)
     bench = Bench(target, {"draft": draft}, character_tokenizer(), ["abc"], max_new_tokens=8)
-    speculative, plain = settings_for(["rsd-s", "ar"], [6], [0.0])
-    record = bench.run(speculative)
+    speculative, plain = settings_for(["sd", "ar"], [6], [0.0])  # sd:l=6, 8 new tokens
+    record = bench.run(speculative)  # the real planner
     assert record.predicted_step_ms > 0 and record.step_ms > 0
     assert math.isnan(bench.run(plain).predicted_step_ms)
+
+    # a step model of 1 ms per drafted token (a plain step: 1 ms): the steps' mean at their depths
+    monkeypatch.setattr(planner, "predict_step_seconds", lambda target, draft, config, *args, **kwargs:
+                        1e-3 * max(config.tree_size, 1))
+    torch.manual_seed(bench.seed)
+    _, stats = bench._generate(speculative, bench.prompt_ids[0], bench.max_new_tokens)
+    depths = bench.drafted_depths(speculative, stats)
+    generated = [0]
+    for accepted in stats.accepted_lengths[0][:-1]:
+        generated.append(generated[-1] + accepted + 1)
+    assert depths == [min(6, 8 - g - 1) for g in generated] and min(depths) < 6
+    record = bench.run(speculative)
+    assert record.predicted_step_ms == pytest.approx(sum(max(d, 1) for d in depths) / len(depths))
+
+
+def test_a_config_truncated_to_fewer_levels():
+    assert SpeculativeConfig.parse("rsd-c:b=3-2-1,q=0.1").truncated(2) == SpeculativeConfig.parse("rsd-c:b=3-2")
+    assert SpeculativeConfig.parse("rsd-s:w=3,d=5").truncated(2) == SpeculativeConfig.parse("rsd-s:w=3,d=2")
+    assert SpeculativeConfig.parse("spectr:k=2,l=4").truncated(9) == SpeculativeConfig.parse("spectr:k=2,l=4")
+    assert SpeculativeConfig.parse("sd:l=4").truncated(0) == SpeculativeConfig.ar()
 
 
 def test_budget_shapes():

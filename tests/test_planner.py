@@ -348,6 +348,29 @@ def test_auto_learns_that_trees_do_not_pay_from_measured_steps(tmp_path, monkeyp
     assert choose_config(target, draft, batch_size=1, context_length=64, temperature=1.0).method == "ar"
 
 
+def test_the_machine_speed_scales_each_model_s_part_of_a_step(tmp_path, monkeypatch):
+    """`speed` = (target, draft) factors: the target's forward and the loop's work scale with the first, the draft's
+    passes with the second, so the two parts add up to the step."""
+    from hf_specdec.planner import calibration, machine_speed, predict_step_seconds
+
+    monkeypatch.setenv("HF_SPECDEC_CACHE", str(tmp_path))
+    hardware = Hardware("fake", matmul_flops=1e10, attention_flops=1e10, bandwidth=1e9, attention_bandwidth=1e9,
+                        kernel_overhead=1e-5, dtype="float32")
+    monkeypatch.setattr(calibration, "calibrated_hardware", lambda model, **_: hardware)
+    monkeypatch.setattr(loop_cost_module, "loop_cost", lambda *args, **kwargs: LoopCost((1e-3,) + (0.0,) * 5, 0.0))
+    target, draft = tiny_model("llama", vocab_size=96), tiny_model("llama", vocab_size=96, seed=2, num_hidden_layers=1)
+
+    def step(speed):
+        return predict_step_seconds(target, draft, "rsd-c:b=2-2", 1, 64, corrections=False, speed=speed)
+
+    assert step((2.0, 2.0)) == pytest.approx(2 * step((1.0, 1.0)))
+    assert step((1.0, 0.0)) + step((0.0, 1.0)) == pytest.approx(step((1.0, 1.0)))
+    assert step((1.0, 0.0)) > 1e-3 and step((0.0, 1.0)) > 0  # the loop's millisecond is in the target's part
+    monkeypatch.setattr(calibration, "time_forward", lambda model, *args, **kwargs: 3 * 1e-3)
+    target_speed, draft_speed = machine_speed(target, draft, 64)
+    assert target_speed > 0 and draft_speed > target_speed  # the same 3 ms measured: the draft is modelled cheaper
+
+
 def test_growth_threshold_is_the_node_cost_times_the_speedup():
     """A node pays when the probability of reaching it exceeds its share of the step's extra cost times the speedup:
     large where every scored token costs (a CPU), small where the tree is nearly free (a GPU at small batch)."""
@@ -368,21 +391,21 @@ def test_growth_threshold_is_the_node_cost_times_the_speedup():
 
 
 @pytest.mark.parametrize("config, do_sample, expected", [
-    # 1, passes, scored tokens, walk steps (RRS: min(N, L + P); SpecTr and greedy: L), SpecTr depths
-    ("rsd-c:b=2-2", True, [1, 2, 7, 6, 0]),
-    ("rsd-c:b=4-1-1", True, [1, 3, 13, 7, 0]),
-    ("sd:l=5", True, [1, 5, 6, 5, 0]),
-    ("spectr:k=3,l=4", True, [1, 4, 13, 4, 4]),
-    ("rsd-s:w=3,d=4", False, [1, 4, 13, 4, 0]),
+    # 1, passes, drafted nodes (the pending inputs and the root, then each level's frontier), scored tokens, walk
+    # steps (RRS on a tree: min(N, L + P); greedy: L; an RRS chain and SpecTr: none), SpecTr depths
+    ("rsd-c:b=2-2", True, [1, 2, 4, 7, 6, 0]),
+    ("rsd-c:b=4-1-1", True, [1, 3, 10, 13, 7, 0]),
+    ("sd:l=5", True, [1, 5, 6, 6, 0, 0]),
+    ("spectr:k=3,l=4", True, [1, 4, 11, 13, 0, 4]),
+    ("rsd-s:w=3,d=4", False, [1, 4, 11, 13, 4, 0]),
 ])
 def test_loop_cost_terms_by_hand(config, do_sample, expected):
     assert terms(SpeculativeConfig.parse(config), do_sample).tolist() == expected
 
 
 def test_loop_cost_fit_recovers_known_coefficients_and_predicts_other_shapes():
-    truth = LoopCost((2e-3, 1e-3, 1e-4, 5e-4, 3e-3), 1e-3)
-    design = ["sd:l=1", "sd:l=4", "sd:l=8", "rsd-c:b=4-1", "rsd-c:b=2-2-1-1", "rsd-s:w=4,d=8", "spectr:k=2,l=4",
-              "spectr:k=4,l=8"]
+    truth = LoopCost((2e-3, 1e-3, 3e-4, 1e-4, 5e-4, 3e-3), 1e-3)
+    design = list(loop_cost_module.DESIGN)
     fitted = fit([(c, truth.seconds(SpeculativeConfig.parse(c))) for c in design], 1e-3, do_sample=True)
     assert fitted.coefficients == pytest.approx(truth.coefficients, rel=1e-6)
     for config in ("rsd-s:w=3,d=10", "spectr:k=3,l=10", "sd:l=30"):
@@ -398,7 +421,7 @@ def test_the_loop_cost_is_charged_per_step_and_to_plain_decoding():
     acceptance = TreeAcceptance(0.8, 0.5)
     config = SpeculativeConfig.parse("rsd-s:w=4,d=8")
     bare = estimate_config(target, 1, 256, config, acceptance)
-    loop = LoopCost((1e-3, 0.0, 0.0, 0.0, 0.0), 2e-4)
+    loop = LoopCost((1e-3, 0.0, 0.0, 0.0, 0.0, 0.0), 2e-4)
     charged = estimate_config(target, 1, 256, config, acceptance, loop=loop)
     assert charged.seconds == pytest.approx(bare.seconds + 1e-3)
     assert charged.baseline_seconds == pytest.approx(bare.baseline_seconds + 2e-4)
@@ -406,7 +429,7 @@ def test_the_loop_cost_is_charged_per_step_and_to_plain_decoding():
     stock = estimate_config(target, 1, 256, config, acceptance, loop=loop, plain_scale=1.5)  # plain generate's kernels
     assert stock.baseline_seconds == pytest.approx(1.5 * bare.baseline_seconds + 2e-4)
     assert stock.seconds == charged.seconds and stock.speedup > charged.speedup
-    slow_loop = LoopCost((0.0, 0.0, 0.0, 0.1, 0.0), 0.0)  # 100 ms per verification walk step
+    slow_loop = LoopCost((0.0, 0.0, 0.0, 0.0, 0.1, 0.0), 0.0)  # 100 ms per verification walk step
     assert rank(target, 1, 256, acceptance, candidates=[config, SpeculativeConfig.parse("sd:l=2")],
                 loop=slow_loop)[0].config == SpeculativeConfig.parse("sd:l=2")
 

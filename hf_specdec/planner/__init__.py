@@ -16,7 +16,8 @@ from hf_specdec.planner.shapes import PRESETS, ModelShape, load_shape, shape_fro
 
 __all__ = [
     "BUILTIN", "FULL", "MEDUSA_G3", "OPERATOR_SETS", "PRESETS", "Hardware", "LatencyModel", "ModelShape",
-    "OperatorSet", "choose_config", "forward_costs", "load_hardware", "load_shape", "predict_step_seconds",
+    "OperatorSet", "choose_config", "forward_costs", "load_hardware", "load_shape", "machine_speed",
+    "predict_step_seconds",
     "record_acceptance", "shape_from_config",
 ]
 
@@ -95,11 +96,27 @@ def dynamic(estimate) -> SpeculativeConfig:
     return dataclasses.replace(estimate.config, min_path_q=round(growth_threshold(estimate), 3))
 
 
+def machine_speed(target_model, draft_model, context_length: int) -> tuple[float, float]:
+    """How much slower (> 1) or faster than calibrated this machine runs each model right now: a one-token forward
+    of the target and of the draft timed now (median of `CHECK_REPEATS`) over the calibrated model's prediction.
+    A shared machine's speed drifts by tens of percent within an hour; scaling a prediction by this compares the
+    model's shape dependence (tree sizes, passes, loop work) with a measurement taken in the same phase."""
+    from hf_specdec.planner.calibration import CHECK_REPEATS, time_forward
+
+    def ratio(model):
+        now = time_forward(model, 1, 1, context_length, repeats=CHECK_REPEATS)
+        return now / _latency_model(model).seconds(1, 1, context_length)
+
+    return ratio(target_model), ratio(draft_model)
+
+
 def predict_step_seconds(target_model, draft_model, config: SpeculativeConfig, batch_size: int,
-                         context_length: int, sampling=None, corrections: bool = True) -> float:
+                         context_length: int, sampling=None, corrections: bool = True,
+                         speed: tuple[float, float] = (1.0, 1.0)) -> float:
     """The planner's prediction of one speculative step of `config` here: both models' calibrated forwards and the
     loop's measured work (`sampling` as in `choose_config`), corrected by what steps measured here so far
-    (`step_times.corrected`, unless `corrections` is False), as `auto` ranks shapes with it."""
+    (`step_times.corrected`, unless `corrections` is False), as `auto` ranks shapes with it. `speed`: the
+    (target, draft) factors of `machine_speed`, the loop's work scaled with the target's."""
     from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT
     from hf_specdec.planner.loop_cost import loop_cost
     from hf_specdec.planner.planning import estimate_config
@@ -109,9 +126,11 @@ def predict_step_seconds(target_model, draft_model, config: SpeculativeConfig, b
     loop = loop_cost(target_model, draft_model, batch_size, _sampling(sampling, 1.0))
     estimate = estimate_config(_latency_model(target_model), batch_size, context_length, shape, CONSERVATIVE_DEFAULT,
                                _latency_model(draft_model), loop)
-    if not corrections:
-        return estimate.seconds
-    return corrected([estimate], measured_step_times(target_model, draft_model, batch_size))[0].seconds
+    if corrections:
+        estimate = corrected([estimate], measured_step_times(target_model, draft_model, batch_size))[0]
+    target_speed, draft_speed = speed
+    return target_speed * (sum(estimate.target_seconds.values()) + estimate.loop_seconds) + \
+        draft_speed * estimate.draft_seconds
 
 
 def record_acceptance(target_model, draft_model, config, block_efficiency: float, num_steps: int,

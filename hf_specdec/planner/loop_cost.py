@@ -1,16 +1,19 @@
 """The loop's own cost per step, measured on this machine: what a step spends outside the models' forwards.
 
-A speculative step is both models' forwards plus the loop's work around them: drafting bookkeeping and sampling per
-draft pass, logits processors and softmaxes per scored token, verification (recursive rejection tests vocabulary-wide
-distributions once per candidate it walks, min(N, L + P) of them; SpecTr solves for rho by bisection at every depth;
-greedy compares argmaxes) and the commit. On a CPU with a 49k vocabulary that is several milliseconds per step and
+A speculative step is both models' forwards plus the loop's work around them: drafting bookkeeping per draft pass,
+the draft's processors and sampling per node it expands, the target's processors and softmaxes per scored token,
+verification (recursive rejection on a tree tests vocabulary-wide distributions once per candidate it walks, min(N,
+L + P) of them, where a chain's walk is a few gathers per depth; SpecTr solves for rho by bisection at every depth;
+greedy compares argmaxes at every depth) and the commit. On a CPU with a 49k vocabulary that is several milliseconds per step and
 grows with the tree (deep trees spent as much on verification as on the target forward), so a step model of forwards
 alone under-predicts exactly the shapes it should warn against.
 
 `loop_cost` measures it once per device, vocabulary, draft kind, batch size and sampling settings (cached): the real
 loop runs a few design shapes with near-free models of the pair's vocabulary (`overhead.py`: 1 layer, hidden 64; a
 feature draft where the pair has one, with the draft's kept vocabulary), every forward timed and subtracted, and a
-non-negative least-squares fit over the terms above predicts any shape. HF `generate` is measured the same way: its own
+non-negative least-squares fit over the terms above predicts any shape. Each shape generates enough tokens that
+most of its steps draft to full depth (the loop drafts no deeper than the tokens left to generate, so a short run
+would measure shallower trees than the shape's). HF `generate` is measured the same way: its own
 overhead per token is what plain decoding adds to the target's one-token forward.
 """
 
@@ -28,11 +31,12 @@ from hf_specdec.planner.storage import cache_dir, slug
 from hf_specdec.planner.trees import draft_pass_tokens
 from hf_specdec.verification import rule_for_method
 
-TERMS = ("per step", "per draft pass", "per scored token", "per verification walk step", "per SpecTr depth")
+TERMS = ("per step", "per draft pass", "per drafted node", "per scored token", "per verification walk step",
+         "per SpecTr depth")
 # shapes the fit is measured on: chains, wide and deep trees of every method (about ten seconds on 2 CPU cores)
 DESIGN = ("sd:l=1", "sd:l=4", "sd:l=8", "rsd-c:b=4-1", "rsd-c:b=2-2-1-1", "rsd-s:w=2,d=4", "rsd-s:w=4,d=8",
           "spectr:k=2,l=4", "spectr:k=4,l=8")
-FORMAT = 1
+FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -68,13 +72,14 @@ class Sampling:
 
 
 def terms(config: SpeculativeConfig, do_sample: bool) -> np.ndarray:
-    """A shape's coefficients on TERMS."""
+    """A shape's coefficients on TERMS. Walk steps: RRS on a tree min(N, L + P) candidate tests, greedy one per
+    depth; none for an RRS chain (its walk is gathers, in the per-node terms) or SpecTr (its own per-depth term)."""
     passes = draft_pass_tokens(config)
     size, depth = config.tree_size, config.depth
     paths = config.level_widths()[-1]  # leaves: every path ends at the last level
     rule = rule_for_method(config.method, do_sample)
-    walk = min(size, depth + paths) if rule == "rrs" else depth
-    return np.array([1.0, len(passes), size + 1.0, walk, depth if rule == "spectr" else 0.0])
+    walk = {"rrs": min(size, depth + paths) if paths > 1 else 0, "greedy": depth}.get(rule, 0)
+    return np.array([1.0, len(passes), sum(passes), size + 1.0, walk, depth if rule == "spectr" else 0.0])
 
 
 @dataclass(frozen=True)
@@ -127,9 +132,16 @@ def near_free_pair(target_model, draft_model):
     return target, FeatureDraftForCausalLM(draft_config).to(device).eval()
 
 
-def measure_loop_cost(target_model, draft_model, batch: int, sampling: Sampling, new_tokens: int = 8,
+def design_new_tokens(config: SpeculativeConfig) -> int:
+    """Tokens a design run generates: the stand-ins accept almost nothing, so a step commits about one token, and all
+    but the last `depth` steps draft to full depth."""
+    return 4 * config.depth + 8
+
+
+def measure_loop_cost(target_model, draft_model, batch: int, sampling: Sampling, repeats: int = 2,
                       progress: bool = True) -> LoopCost:
-    """Run the design shapes and HF generate with near-free stand-ins of the pair (see the module docstring)."""
+    """Run the design shapes and HF generate with near-free stand-ins of the pair (see the module docstring), each
+    the least of `repeats` runs (the noise of a shared machine only adds)."""
     from tqdm.auto import tqdm
 
     from hf_specdec.overhead import loop_overhead, plain_overhead
@@ -137,8 +149,10 @@ def measure_loop_cost(target_model, draft_model, batch: int, sampling: Sampling,
     target, draft = near_free_pair(target_model, draft_model)
     samples = []
     for config in tqdm(DESIGN, desc="timing the loop", disable=not progress, unit="shape"):
-        samples.append((config, loop_overhead(target, draft, config, batch, new_tokens, sampling.generate_kwargs())))
-    plain = plain_overhead(target, batch, new_tokens, sampling.generate_kwargs())
+        new_tokens = design_new_tokens(SpeculativeConfig.parse(config))
+        samples.append((config, min(loop_overhead(target, draft, config, batch, new_tokens, sampling.generate_kwargs())
+                                    for _ in range(repeats))))
+    plain = min(plain_overhead(target, batch, 16, sampling.generate_kwargs()) for _ in range(repeats))
     return fit(samples, plain, sampling.do_sample)
 
 
