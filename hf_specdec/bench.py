@@ -10,7 +10,6 @@ interval).
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -266,11 +265,12 @@ class Bench:
         self._generate(setting, self.prompt_ids[0], max_new_tokens=4)
 
     def step_predictor(self, setting: Setting):
-        """The planner's step model for a speculative PyTorch setting (None for the others): seconds of a step drafting
-        to a given depth, from calibrated forwards plus the loop's measured work, without the corrections `auto` takes
-        from recorded steps (so it tests the model), at the machine's speed of the moment (`machine_speed`, timed just
-        before the setting runs: a shared machine drifts more within a bench run than the model's tolerance). Loaded
-        (calibrated, loop measured) before the setting runs."""
+        """The planner's step model for a speculative PyTorch setting (None for the others): a function of the depths
+        its steps drafted that returns their mean predicted ms, from calibrated forwards plus the loop's measured work,
+        without the corrections `auto` takes from recorded steps (so it tests the model), at the machine's speed while
+        the setting ran (`machine_speed`, timed before it runs and again when the function is called, after it ran: a
+        shared machine drifts more within a bench run than the model's tolerance). Loaded (calibrated, loop measured)
+        before the setting runs."""
         if not self.predict or setting.backend != "pytorch" or setting.method not in ("sd", "spectr", "rsd-c", "rsd-s"):
             return None
         from hf_specdec.planner import machine_speed, predict_step_seconds
@@ -280,14 +280,16 @@ class Bench:
         sampling = Sampling(True, 0, 1.0) if setting.temperature > 0 else Sampling.greedy()  # as `_generate` runs
         config, draft = SpeculativeConfig.parse(setting.config), self.drafts[setting.draft]
         predict_step_seconds(self.target, draft, config, 1, context, sampling, corrections=False)  # load
-        speed = machine_speed(self.target, draft, context)
+        before = machine_speed(self.target, draft, context)
 
-        @functools.cache
-        def seconds(depth: int) -> float:
-            return predict_step_seconds(self.target, draft, config.truncated(depth), 1, context, sampling,
-                                        corrections=False, speed=speed)
+        def predicted_ms(depths: list[int]) -> float:
+            after = machine_speed(self.target, draft, context)
+            speed = tuple((a + b) / 2 for a, b in zip(before, after))
+            seconds = {depth: predict_step_seconds(self.target, draft, config.truncated(depth), 1, context, sampling,
+                                                   corrections=False, speed=speed) for depth in set(depths)}
+            return 1e3 * sum(seconds[depth] for depth in depths) / len(depths)
 
-        return seconds
+        return predicted_ms
 
     def drafted_depths(self, setting: Setting, stats) -> list[int]:
         """The depth of every step of one generation: the loop drafts no deeper than the tokens left to generate
@@ -348,7 +350,7 @@ class Bench:
             draft_calls=draft_calls,
             ran=", ".join(dict.fromkeys(ran)),
             step_ms=1e3 * decode_seconds / max(target_calls, 1),
-            predicted_step_ms=1e3 * sum(map(predictor, depths)) / len(depths) if predictor and depths else float("nan"),
+            predicted_step_ms=predictor(depths) if predictor and depths else float("nan"),
             log_likelihoods=log_likelihoods,
         )
 
