@@ -264,32 +264,17 @@ class Bench:
     def warm_up(self, setting: Setting) -> None:
         self._generate(setting, self.prompt_ids[0], max_new_tokens=4)
 
-    def step_predictor(self, setting: Setting):
-        """The planner's step model for a speculative PyTorch setting (None for the others): a function of the depths
-        its steps drafted that returns their mean predicted ms, from calibrated forwards plus the loop's measured work,
-        without the corrections `auto` takes from recorded steps (so it tests the model), at the machine's speed while
-        the setting ran (`machine_speed`, timed before it runs and again when the function is called, after it ran: a
-        shared machine drifts more within a bench run than the model's tolerance). Loaded (calibrated, loop measured)
-        before the setting runs."""
+    def step_model(self, setting: Setting) -> "StepModel | None":
+        """The planner's step model for a speculative PyTorch setting (None for the others), loaded (each model
+        calibrated, the loop measured) before anything is timed."""
         if not self.predict or setting.backend != "pytorch" or setting.method not in ("sd", "spectr", "rsd-c", "rsd-s"):
             return None
-        from hf_specdec.planner import machine_speed, predict_step_seconds
         from hf_specdec.planner.loop_cost import Sampling
 
         context = int(sum(len(ids[0]) for ids in self.prompt_ids) / len(self.prompt_ids)) + self.max_new_tokens // 2
         sampling = Sampling(True, 0, 1.0) if setting.temperature > 0 else Sampling.greedy()  # as `_generate` runs
-        config, draft = SpeculativeConfig.parse(setting.config), self.drafts[setting.draft]
-        predict_step_seconds(self.target, draft, config, 1, context, sampling, corrections=False)  # load
-        before = machine_speed(self.target, draft, context)
-
-        def predicted_ms(depths: list[int]) -> float:
-            after = machine_speed(self.target, draft, context)
-            speed = tuple((a + b) / 2 for a, b in zip(before, after))
-            seconds = {depth: predict_step_seconds(self.target, draft, config.truncated(depth), 1, context, sampling,
-                                                   corrections=False, speed=speed) for depth in set(depths)}
-            return 1e3 * sum(seconds[depth] for depth in depths) / len(depths)
-
-        return predicted_ms
+        return StepModel(self.target, self.drafts[setting.draft], SpeculativeConfig.parse(setting.config), context,
+                         sampling)
 
     def drafted_depths(self, setting: Setting, stats) -> list[int]:
         """The depth of every step of one generation: the loop drafts no deeper than the tokens left to generate
@@ -301,34 +286,55 @@ class Bench:
         return depths
 
     def run(self, setting: Setting, progress=None) -> Record:
-        predictor = self.step_predictor(setting)
-        depths = []
-        tokens, seconds, target_calls, draft_calls = 0, 0.0, 0, 0
-        decode_seconds, ran = 0.0, []
-        log_likelihoods = []
-        draft = self.drafts.get(setting.draft)  # None for plain decoding
+        return self.run_all([setting], progress)[0]
+
+    def run_all(self, settings: list[Setting], progress=None) -> list[Record]:
+        """Every setting on every prompt, interleaved: prompt by prompt, each setting in turn, so that a shared
+        machine's drift (tens of percent within a bench run) weighs on every setting alike and the ratios compare
+        like with like. Each setting is warmed up (and its step model loaded) first."""
+        models = []
+        for setting in settings:
+            self.warm_up(setting)
+            models.append(self.step_model(setting))
+        tallies = [Tally() for _ in settings]
         for index, input_ids in enumerate(self.prompt_ids):
-            torch.manual_seed(self.seed + index)
-            with ForwardCounter(self.target) as target_counter, ForwardCounter(draft) as draft_counter:
-                start = time.perf_counter()
-                sequence, stats = self._generate(setting, input_ids, self.max_new_tokens)
-                seconds += time.perf_counter() - start
-            tokens += sequence.shape[-1] - input_ids.shape[-1]
-            # decoding forwards only: our loop reports them; plain and HF assisted generation have no separate
-            # prefill (their first forward over the prompt already yields tokens)
-            target_calls += stats.target_calls if stats is not None else target_counter.calls
-            draft_calls += stats.draft_calls if stats is not None else draft_counter.calls
-            decode_seconds += (stats.time_total - stats.time_prefill) if stats is not None else float("nan")
-            if setting.method == "auto":
-                ran.append(stats.config)
-            if predictor is not None:
-                depths += self.drafted_depths(setting, stats)
-            log_likelihoods.append(mean_log_likelihood(self.target, input_ids[0], sequence[0]))
-            if progress is not None:
-                progress.update(1)
-        block_efficiency = tokens / max(target_calls, 1)
+            for setting, model, tally in zip(settings, models, tallies):
+                if progress is not None:
+                    progress.set_postfix_str(f"{setting.backend} {setting.config} T={setting.temperature:g}")
+                self._measure(setting, model, index, input_ids, tally)
+                if progress is not None:
+                    progress.update(1)
+        return [self._record(setting, tally) for setting, tally in zip(settings, tallies)]
+
+    def _measure(self, setting: Setting, model: "StepModel | None", index: int, input_ids, tally: "Tally") -> None:
+        """One generation of `setting` on prompt `index`, added to `tally`; with a step model, the prediction of its
+        steps at the depths they drafted and the machine's speed timed just before."""
+        speed = model.speed() if model is not None else None
+        draft = self.drafts.get(setting.draft)  # None for plain decoding
+        torch.manual_seed(self.seed + index)
+        with ForwardCounter(self.target) as target_counter, ForwardCounter(draft) as draft_counter:
+            start = time.perf_counter()
+            sequence, stats = self._generate(setting, input_ids, self.max_new_tokens)
+            tally.seconds += time.perf_counter() - start
+        tally.tokens += sequence.shape[-1] - input_ids.shape[-1]
+        # decoding forwards only: our loop reports them; plain and HF assisted generation have no separate prefill
+        # (their first forward over the prompt already yields tokens)
+        tally.target_calls += stats.target_calls if stats is not None else target_counter.calls
+        tally.draft_calls += stats.draft_calls if stats is not None else draft_counter.calls
+        tally.decode_seconds += (stats.time_total - stats.time_prefill) if stats is not None else float("nan")
+        if setting.method == "auto":
+            tally.ran.append(stats.config)
+        if model is not None:
+            depths = self.drafted_depths(setting, stats)
+            tally.predicted_seconds += model.seconds(depths, speed)
+            tally.predicted_steps += len(depths)
+        tally.log_likelihoods.append(mean_log_likelihood(self.target, input_ids[0], sequence[0]))
+
+    def _record(self, setting: Setting, tally: "Tally") -> Record:
+        block_efficiency = tally.tokens / max(tally.target_calls, 1)
         # L: sequential draft passes per step (HF assisted stops drafting early on low confidence: use what it did)
-        draft_passes = setting.draft_passes if setting.method != "hf-assisted" else draft_calls / max(target_calls, 1)
+        draft_passes = setting.draft_passes if setting.method != "hf-assisted" else \
+            tally.draft_calls / max(tally.target_calls, 1)
         mbsu = block_efficiency / (self.cost_ratios.get(setting.draft, 0.0) * draft_passes + 1)
         return Record(
             backend=setting.backend,
@@ -340,19 +346,65 @@ class Bench:
             temperature=setting.temperature,
             block_efficiency=block_efficiency,
             mbsu=mbsu,
-            tokens_per_s=tokens / seconds,
+            tokens_per_s=tally.tokens / tally.seconds,
             speedup=float("nan"),
             accuracy=float("nan"),
             accuracy_ci=(float("nan"), float("nan")),
-            generated_tokens=tokens,
-            seconds=seconds,
-            target_calls=target_calls,
-            draft_calls=draft_calls,
-            ran=", ".join(dict.fromkeys(ran)),
-            step_ms=1e3 * decode_seconds / max(target_calls, 1),
-            predicted_step_ms=predictor(depths) if predictor and depths else float("nan"),
-            log_likelihoods=log_likelihoods,
+            generated_tokens=tally.tokens,
+            seconds=tally.seconds,
+            target_calls=tally.target_calls,
+            draft_calls=tally.draft_calls,
+            ran=", ".join(dict.fromkeys(tally.ran)),
+            step_ms=1e3 * tally.decode_seconds / max(tally.target_calls, 1),
+            predicted_step_ms=1e3 * tally.predicted_seconds / tally.predicted_steps if tally.predicted_steps
+            else float("nan"),
+            log_likelihoods=tally.log_likelihoods,
         )
+
+
+@dataclass
+class Tally:
+    """What one setting's generations add up to."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+    target_calls: int = 0
+    draft_calls: int = 0
+    decode_seconds: float = 0.0
+    predicted_seconds: float = 0.0  # the step model's, summed over the steps that ran
+    predicted_steps: int = 0
+    ran: list[str] = field(default_factory=list)  # `auto`: the config each generation ran
+    log_likelihoods: list[float] = field(default_factory=list)
+
+
+@dataclass
+class StepModel:
+    """The planner's step model for one speculative setting: calibrated forwards plus the loop's measured work, without
+    the corrections `auto` takes from recorded steps (so that it tests the model), for steps at the depth they drafted
+    (near the end of a generation the loop drafts shallower trees) and at the machine's speed of the moment
+    (`machine_speed`: a shared machine drifts more within a bench run than the model's tolerance)."""
+
+    target: object
+    draft: object
+    config: SpeculativeConfig
+    context: int
+    sampling: object  # planner.loop_cost.Sampling
+
+    def __post_init__(self):
+        self.seconds([self.config.depth], (1.0, 1.0))  # calibrate, measure the loop: before anything is timed
+
+    def speed(self) -> tuple[float, float]:
+        from hf_specdec.planner import machine_speed
+
+        return machine_speed(self.target, self.draft, self.context)
+
+    def seconds(self, depths: list[int], speed: tuple[float, float]) -> float:
+        """The predicted seconds of steps drafting to `depths`, at `speed`."""
+        from hf_specdec.planner import predict_step_seconds
+
+        step = {depth: predict_step_seconds(self.target, self.draft, self.config.truncated(depth), 1, self.context,
+                                            self.sampling, corrections=False, speed=speed) for depth in set(depths)}
+        return sum(step[depth] for depth in depths)
 
 
 def relate_to_plain(records: list[Record]) -> None:

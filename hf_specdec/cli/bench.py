@@ -306,12 +306,8 @@ def run(args: argparse.Namespace) -> int:
     ratios = ", ".join(f"{name} {ratio:.3f}" for name, ratio in bench.cost_ratios.items())
     print(f"{len(settings)} settings x {args.prompts} prompts, {args.max_new_tokens} new tokens; "
           f"draft/target parameters c: {ratios}", file=sys.stderr)
-    records = []
     with tqdm(total=len(settings) * args.prompts, desc="bench", unit="generation", file=sys.stderr) as progress:
-        for setting in settings:
-            progress.set_postfix_str(f"{setting.backend} {setting.config} T={setting.temperature:g}")
-            bench.warm_up(setting)
-            records.append(bench.run(setting, progress))
+        records = bench.run_all(settings, progress)
     relate_to_plain(records)
     print(format_table(records))
     if args.out is not None:
