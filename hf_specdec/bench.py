@@ -11,6 +11,7 @@ interval).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -291,25 +292,36 @@ class Bench:
     def run_all(self, settings: list[Setting], progress=None) -> list[Record]:
         """Every setting on every prompt, interleaved: prompt by prompt, each setting in turn, so that a shared
         machine's drift (tens of percent within a bench run) weighs on every setting alike and the ratios compare
-        like with like. Each setting is warmed up (and its step model loaded) first."""
+        like with like. Each setting is warmed up (and its step model loaded) first. A round (one prompt, every
+        setting) predicts its speculative generations at the machine's speed during the round: the median of the
+        one-token forwards timed before each of them (one timing varies by 10-20% on a shared machine)."""
         models = []
         for setting in settings:
             self.warm_up(setting)
             models.append(self.step_model(setting))
         tallies = [Tally() for _ in settings]
         for index, input_ids in enumerate(self.prompt_ids):
+            probes, ran = [], []
             for setting, model, tally in zip(settings, models, tallies):
                 if progress is not None:
                     progress.set_postfix_str(f"{setting.backend} {setting.config} T={setting.temperature:g}")
-                self._measure(setting, model, index, input_ids, tally)
+                if model is not None:
+                    probes.append((setting.draft, model.speed()))
+                stats = self._measure(setting, index, input_ids, tally)
+                if model is not None:
+                    ran.append((setting, model, tally, self.drafted_depths(setting, stats)))
                 if progress is not None:
                     progress.update(1)
+            target_speed = statistics.median(speed[0] for _, speed in probes) if probes else 1.0
+            for setting, model, tally, depths in ran:
+                draft_speed = statistics.median(speed[1] for draft, speed in probes if draft == setting.draft)
+                tally.predicted_seconds += model.seconds(depths, (target_speed, draft_speed))
+                tally.predicted_steps += len(depths)
         return [self._record(setting, tally) for setting, tally in zip(settings, tallies)]
 
-    def _measure(self, setting: Setting, model: "StepModel | None", index: int, input_ids, tally: "Tally") -> None:
-        """One generation of `setting` on prompt `index`, added to `tally`; with a step model, the prediction of its
-        steps at the depths they drafted and the machine's speed timed just before."""
-        speed = model.speed() if model is not None else None
+    def _measure(self, setting: Setting, index: int, input_ids, tally: "Tally"):
+        """One generation of `setting` on prompt `index`, added to `tally`; returns the loop's stats (None for
+        plain and HF assisted generation)."""
         draft = self.drafts.get(setting.draft)  # None for plain decoding
         torch.manual_seed(self.seed + index)
         with ForwardCounter(self.target) as target_counter, ForwardCounter(draft) as draft_counter:
@@ -324,11 +336,8 @@ class Bench:
         tally.decode_seconds += (stats.time_total - stats.time_prefill) if stats is not None else float("nan")
         if setting.method == "auto":
             tally.ran.append(stats.config)
-        if model is not None:
-            depths = self.drafted_depths(setting, stats)
-            tally.predicted_seconds += model.seconds(depths, speed)
-            tally.predicted_steps += len(depths)
         tally.log_likelihoods.append(mean_log_likelihood(self.target, input_ids[0], sequence[0]))
+        return stats
 
     def _record(self, setting: Setting, tally: "Tally") -> Record:
         block_efficiency = tally.tokens / max(tally.target_calls, 1)
@@ -381,8 +390,8 @@ class Tally:
 class StepModel:
     """The planner's step model for one speculative setting: calibrated forwards plus the loop's measured work, without
     the corrections `auto` takes from recorded steps (so that it tests the model), for steps at the depth they drafted
-    (near the end of a generation the loop drafts shallower trees) and at the machine's speed of the moment
-    (`machine_speed`: a shared machine drifts more within a bench run than the model's tolerance)."""
+    (near the end of a generation the loop drafts shallower trees) and at a measured machine speed (`speed`,
+    `machine_speed`: a shared machine drifts more within a bench run than the model's tolerance)."""
 
     target: object
     draft: object
