@@ -180,12 +180,19 @@ def measure_bandwidth(device, dtype: str, megabytes: int = 256, repeats: int = 5
 
 
 def measure(model, grid: Grid, repeats: int = 3, progress: bool = True) -> list[Sample]:
+    """The median of `repeats` timings of every grid point, taken in rounds (every point once per round): a burst of
+    load on a shared machine then touches one timing of many points, not many timings of one point (timed point by
+    point, a 2-token forward once came out slower than the 8-token one)."""
     from tqdm.auto import tqdm
 
-    samples = []
-    for batch, new_tokens, context in tqdm(grid.points(), desc="timing forwards", disable=not progress, unit="point"):
-        samples.append(Sample(batch, new_tokens, context, time_forward(model, batch, new_tokens, context, repeats)))
-    return samples
+    points = grid.points()
+    times: dict[tuple[int, int, int], list[float]] = {point: [] for point in points}
+    with tqdm(total=repeats * len(points), desc="timing forwards", disable=not progress, unit="forward") as bar:
+        for _ in range(repeats):
+            for point in points:
+                times[point].append(time_forward(model, *point, repeats=1))
+                bar.update(1)
+    return [Sample(*point, statistics.median(times[point])) for point in points]
 
 
 # ------------------------------------------------------------------ fitting
