@@ -1,5 +1,5 @@
 """The benchmark behind `hf-specdec bench`: plain generate, HF assisted generation and every speculative method on
-the same prompts, in one process, with the RSD paper's metrics.
+the same prompts, in one process, interleaved prompt by prompt, with the RSD paper's metrics.
 
 Metrics (DESIGN §3): block efficiency = generated tokens / target forward passes; MBSU = block efficiency /
 (c L + 1) with c = draft parameters / target parameters and L sequential draft passes per step; token rate in
