@@ -88,6 +88,8 @@ class ModelEntry:
     sliding_window: int | None = None  # window of the sliding-window layers (input `sliding_attention_mask`)
     hidden_size: int | None = None  # width of the feature I/O (`features`, `hidden_states`); None: the graph has none
     quantization: dict | None = None  # block-quantized weights (`hf_specdec.export.quantize`); None: float weights
+    # a reduced-vocabulary head's tokens (its logits are -inf elsewhere), in head order; None: every token
+    logit_support: list[int] | None = None
 
     @property
     def quantized(self) -> bool:

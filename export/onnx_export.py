@@ -399,8 +399,16 @@ def export_model(model, path: Path, role: str, source: str, checked: bool = Fals
         outputs=tensor_specs(graph.output),
         sliding_window=sliding_windows(config).get("sliding_attention"),
         hidden_size=hidden_size(model) if emits_features else None,
+        logit_support=logit_support(model),
         **shape,
     )
+
+
+def logit_support(model) -> list[int] | None:
+    """The tokens a reduced-vocabulary head scores (`kept_token_ids`: -inf elsewhere), None for a full head; recorded
+    so that drafting on ONNX Runtime works on them only, as on PyTorch (`HFBackend.logit_support`)."""
+    kept = getattr(model.get_output_embeddings(), "kept_token_ids", None)
+    return None if kept is None else [int(token) for token in kept]
 
 
 def export_io_names(num_layers: int, layer_types: tuple[str, ...], reads_features: bool = False,

@@ -65,7 +65,9 @@ class OrtBackend:
         self.hidden_size = self.entry.hidden_size  # None for a graph without feature I/O
         self.reads_features = self.entry.reads_features  # a feature draft: every run takes `features`
         self.emits_features = self.entry.emits_features  # every run returns `hidden_states`
-        self.logit_support = None  # the graph returns full-vocabulary logits; drafting reads them whole
+        # a reduced-vocabulary head's tokens (logits -inf elsewhere): drafting works on them only, as on PyTorch
+        support = self.entry.logit_support
+        self.logit_support = None if support is None else torch.tensor(support, device=self.device)
         self.dtype = getattr(torch, self.entry.dtype)
         self.mask_windows = self.entry.mask_windows()  # mask input name -> window (None: full attention)
         self._check_known_inputs()

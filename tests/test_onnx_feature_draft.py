@@ -166,6 +166,35 @@ def test_a_draft_equal_to_the_target_is_accepted_to_full_depth_at_every_step(exa
         assert torch.equal(result.sequences, reference)
 
 
+def test_a_reduced_vocabulary_draft_drafts_on_its_tokens_on_onnx_runtime(tmp_path_factory):
+    """The manifest records the tokens a reduced-vocabulary head scores; the ONNX Runtime draft drafts on them only
+    (as the PyTorch backend does), and greedy decoding stays token-identical to `generate`, sampling follows q on them."""
+    from feature_fixtures import feature_draft_for, predictable_target
+
+    target = predictable_target("llama")
+    target.generation_config.eos_token_id = None
+    kept = list(range(0, VOCAB, 3)) + [VOCAB - 1]
+    draft = feature_draft_for(target, kept_token_ids=kept)
+
+    def export(out):
+        export_pair(target, draft, word_tokenizer(VOCAB), out, {"target": "tiny llama", "draft": "reduced draft"},
+                    max_new_tokens=MAX_NEW_TOKENS)
+
+    model_dir = export_once(tmp_path_factory, "feature-reduced", export)
+    manifest = Manifest.load(model_dir)
+    assert manifest.draft.logit_support == kept and manifest.target.logit_support is None
+    pair = load_onnxruntime_pair(model_dir, device="cpu")
+    assert pair.draft.logit_support.tolist() == kept and pair.target.logit_support is None
+    inputs = prompts(3)
+    for method in METHODS:
+        result = decode_onnxruntime(pair, inputs, method)
+        reference = target.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0)
+        assert torch.equal(result.sequences, reference), method
+        torch.manual_seed(0)
+        sampled = decode_onnxruntime(pair, inputs, method, do_sample=True)
+        assert sampled.sequences.shape == reference.shape
+
+
 def test_command_line_generate_with_a_feature_pair(tmp_path_factory, capsys):
     """`hf-specdec generate --backend onnxruntime` on a feature pair exported by `hf-specdec export` (the gpt2 pair)
     prints what the PyTorch target generates greedily."""
