@@ -53,7 +53,7 @@ MASK_INPUTS = {"full_attention": "attention_mask", "sliding_attention": "sliding
 FEATURES_INPUT = "features"  # a feature draft's input: the target's feature before each new token
 HIDDEN_STATES_OUTPUT = "hidden_states"  # the LM-head input of every new token (a feature draft's: its prediction)
 # the optional keys of an entry, absent from manifest.json where they are None (what earlier versions wrote)
-OPTIONAL_ENTRY_KEYS = ("sliding_window", "hidden_size", "quantization")
+OPTIONAL_ENTRY_KEYS = ("sliding_window", "hidden_size", "quantization", "logit_support")
 
 
 class ManifestError(ValueError):

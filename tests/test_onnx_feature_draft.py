@@ -183,6 +183,7 @@ def test_a_reduced_vocabulary_draft_drafts_on_its_tokens_on_onnx_runtime(tmp_pat
     model_dir = export_once(tmp_path_factory, "feature-reduced", export)
     manifest = Manifest.load(model_dir)
     assert manifest.draft.logit_support == kept and manifest.target.logit_support is None
+    assert "logit_support" not in json.loads((model_dir / "manifest.json").read_text())["target"]  # as before
     pair = load_onnxruntime_pair(model_dir, device="cpu")
     assert pair.draft.logit_support.tolist() == kept and pair.target.logit_support is None
     inputs = prompts(3)
