@@ -4,17 +4,17 @@ A speculative step is both models' forwards plus the loop's work around them: dr
 the draft's processors and sampling per node it expands, the target's processors and softmaxes per scored token,
 verification (recursive rejection on a tree tests vocabulary-wide distributions once per candidate it walks, min(N,
 L + P) of them, where a chain's walk is a few gathers per depth; SpecTr solves for rho by bisection at every depth;
-greedy compares argmaxes at every depth) and the commit. On a CPU with a 49k vocabulary that is several milliseconds per step and
-grows with the tree (deep trees spent as much on verification as on the target forward), so a step model of forwards
-alone under-predicts exactly the shapes it should warn against.
+greedy compares argmaxes at every depth) and the commit. On a CPU with a 49k vocabulary that is several milliseconds
+per step and grows with the tree (deep trees spent as much on verification as on the target forward), so a step model
+of forwards alone under-predicts exactly the shapes it should warn against.
 
 `loop_cost` measures it once per device, vocabulary, draft kind, batch size and sampling settings (cached): the real
 loop runs a few design shapes with near-free models of the pair's vocabulary (`overhead.py`: 1 layer, hidden 64; a
 feature draft where the pair has one, with the draft's kept vocabulary), every forward timed and subtracted, and a
-non-negative least-squares fit over the terms above predicts any shape. Each shape generates enough tokens that
-most of its steps draft to full depth (the loop drafts no deeper than the tokens left to generate, so a short run
-would measure shallower trees than the shape's). HF `generate` is measured the same way: its own
-overhead per token is what plain decoding adds to the target's one-token forward.
+non-negative least-squares fit over the terms above predicts any shape. Each shape generates enough tokens that most
+of its steps draft to full depth (the loop drafts no deeper than the tokens left to generate, so a short run would
+measure shallower trees than the shape's). HF `generate` is measured the same way: its own overhead per token is what
+plain decoding adds to the target's one-token forward.
 """
 
 from __future__ import annotations
