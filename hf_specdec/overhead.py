@@ -72,12 +72,11 @@ def _prompt(target, batch: int) -> torch.Tensor:
     return torch.randint(3, target.config.vocab_size, (batch, 16), device=target.device)
 
 
-def _timed(run, models, steps_of, repeats: int) -> tuple[int, float, float]:
-    """`run()` once to warm up, then `repeats` times: (steps, seconds outside the forwards, seconds in them)."""
+def _timed(run, models, steps_of, repeats: int) -> list[tuple[int, float, float]]:
+    """`run()` once to warm up, then `repeats` times: per run (steps, seconds outside the forwards, seconds in them)."""
     run()
     device = models[0].device
-    total = forwards = 0.0
-    steps = 0
+    runs = []
     for _ in range(repeats):
         with timed_forwards(*models) as spent:
             if device.type == "cuda":
@@ -86,15 +85,14 @@ def _timed(run, models, steps_of, repeats: int) -> tuple[int, float, float]:
             out = run()
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            total += time.perf_counter() - start
-        forwards += spent[0]
-        steps += steps_of(out)
-    return steps, total - forwards, forwards
+            total = time.perf_counter() - start
+        runs.append((steps_of(out), total - spent[0], spent[0]))
+    return runs
 
 
 def loop_run(target, draft, config: str, batch: int, new_tokens: int, sampling: dict, repeats: int = 3):
     """Our loop (`generation.decode`, what `generate` runs, without recording planner statistics for the stand-ins)
-    on `config`: (steps, seconds outside the forwards, seconds in them)."""
+    on `config`: per run (steps, seconds outside the forwards, seconds in them)."""
     from transformers import GenerationConfig
 
     from hf_specdec.backends.hf import HFBackend
@@ -111,30 +109,34 @@ def loop_run(target, draft, config: str, batch: int, new_tokens: int, sampling: 
 
 
 def plain_run(target, batch: int, new_tokens: int, sampling: dict, repeats: int = 3):
-    """HF `generate` (every step makes one token): (steps, seconds outside the forwards, seconds in them)."""
+    """HF `generate` (every step makes one token): per run (steps, seconds outside the forwards, seconds in them)."""
     prompt = _prompt(target, batch)
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0, **sampling)
     return _timed(lambda: target.generate(prompt, **kwargs), (target,), lambda out: new_tokens, repeats)
 
 
+def _least_per_step(runs) -> float:
+    """The least seconds per step outside the forwards among `runs` (the noise of a shared machine only adds)."""
+    return min(outside / steps for steps, outside, _ in runs)
+
+
 def loop_overhead(target, draft, config: str, batch: int, new_tokens: int, sampling: dict, repeats: int = 1) -> float:
-    """Seconds per step our loop spends outside the forwards."""
-    steps, outside, _ = loop_run(target, draft, config, batch, new_tokens, sampling, repeats)
-    return outside / steps
+    """Seconds per step our loop spends outside the forwards: the least of `repeats` runs after one warm-up."""
+    return _least_per_step(loop_run(target, draft, config, batch, new_tokens, sampling, repeats))
 
 
 def plain_overhead(target, batch: int, new_tokens: int, sampling: dict, repeats: int = 1) -> float:
-    """Seconds per token HF `generate` spends outside the forward."""
-    steps, outside, _ = plain_run(target, batch, new_tokens, sampling, repeats)
-    return outside / steps
+    """Seconds per token HF `generate` spends outside the forward: the least of `repeats` runs after one warm-up."""
+    return _least_per_step(plain_run(target, batch, new_tokens, sampling, repeats))
 
 
 def _measure(target, draft, config: str | None, batch: int, new_tokens: int, repeats: int) -> tuple[int, float, float]:
     sampling = {"do_sample": True}  # generate's default top-k 50 on both sides
     if config is None:
-        steps, outside, forwards = plain_run(target, batch, new_tokens, sampling, repeats)
+        runs = plain_run(target, batch, new_tokens, sampling, repeats)
     else:
-        steps, outside, forwards = loop_run(target, draft, config, batch, new_tokens, sampling, repeats)
+        runs = loop_run(target, draft, config, batch, new_tokens, sampling, repeats)
+    steps, outside, forwards = (sum(column) for column in zip(*runs))
     return steps, 1e3 * outside / steps, 1e3 * forwards / steps
 
 

@@ -151,9 +151,9 @@ def measure_loop_cost(target_model, draft_model, batch: int, sampling: Sampling,
     samples = []
     for config in tqdm(DESIGN, desc="timing the loop", disable=not progress, unit="shape"):
         new_tokens = design_new_tokens(SpeculativeConfig.parse(config))
-        samples.append((config, min(loop_overhead(target, draft, config, batch, new_tokens, sampling.generate_kwargs())
-                                    for _ in range(repeats))))
-    plain = min(plain_overhead(target, batch, 16, sampling.generate_kwargs()) for _ in range(repeats))
+        samples.append((config, loop_overhead(target, draft, config, batch, new_tokens, sampling.generate_kwargs(),
+                                              repeats)))
+    plain = plain_overhead(target, batch, 16, sampling.generate_kwargs(), repeats)
     return fit(samples, plain, sampling.do_sample)
 
 
