@@ -193,7 +193,7 @@ def feature_unrolled(draft, tokens: torch.Tensor, features: torch.Tensor, steps:
     for step in range(1, steps + 1):
         mask = None if step == 1 else unrolled_mask(length, step, tokens.device)[None, None].expand(batch, 1, -1, -1)
         hidden = draft.model(input_ids=tokens, features=inputs, attention_mask=mask, position_ids=positions,
-                             past_key_values=cache, use_cache=True).last_hidden_state
+                             cache=cache, use_cache=True).last_hidden_state
         predictions.append(hidden)
         inputs = F.pad(hidden, (0, 0, 1, 0))[:, :-1]
     return predictions

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
+from hf_specdec.compat import cache_argument
 from hf_specdec.data import heldout_prompts
 from hf_specdec.distill import feature_unrolled
 from hf_specdec.feature_draft import reads_target_features, timing_inputs
@@ -90,13 +91,14 @@ def forward_ms(model, new_tokens: int, past_len: int = 256, repeats: int = 20) -
     vocab_size = model.config.get_text_config().vocab_size
     cache = DynamicCache(config=model.config)
     past = torch.randint(vocab_size, (1, past_len))
-    model(past, past_key_values=cache, use_cache=True, **timing_inputs(model, past))
+    model(past, use_cache=True, **cache_argument(model, cache), **timing_inputs(model, past))
     tokens = torch.randint(vocab_size, (1, new_tokens))
     position_ids = torch.arange(past_len, past_len + new_tokens)[None]
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        model(tokens, position_ids=position_ids, past_key_values=cache, use_cache=True, **timing_inputs(model, tokens))
+        model(tokens, position_ids=position_ids, use_cache=True, **cache_argument(model, cache),
+              **timing_inputs(model, tokens))
         best = min(best, time.perf_counter() - start)
         cache.crop(-new_tokens)
     return best * 1000

@@ -27,6 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaMod
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaPreTrainedModel
 
+from hf_specdec.compat import cache_argument, returned_cache
 from hf_specdec.draft_model import ReducedVocabEmbedding, ReducedVocabHead
 
 
@@ -53,7 +54,7 @@ class FeatureDraftConfig(LlamaConfig):
 class FeatureDraftOutput(ModelOutput):
     logits: torch.Tensor | None = None  # [B, T, V] (or the positions of logits_to_keep): -inf outside the kept tokens
     features: torch.Tensor | None = None  # [B, T, H]: the draft's prediction of the target's feature at each position
-    past_key_values: object = None
+    cache: object = None  # the KV cache (named as transformers' own outputs name it from 5.24 on)
 
 
 class FeatureDraftModel(LlamaModel):
@@ -66,7 +67,7 @@ class FeatureDraftModel(LlamaModel):
         self.fuse = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=True)
         self.post_init()
 
-    def forward(self, input_ids=None, features=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, features=None, attention_mask=None, position_ids=None, cache=None,
                 use_cache=None, **kwargs):
         if features is None:
             raise ValueError(
@@ -78,7 +79,7 @@ class FeatureDraftModel(LlamaModel):
         embeddings = self.embed_tokens(input_ids)
         fused = self.fuse(torch.cat([embeddings, features.to(embeddings.dtype)], dim=-1))
         return super().forward(inputs_embeds=fused, attention_mask=attention_mask, position_ids=position_ids,
-                               past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                               use_cache=use_cache, **cache_argument(LlamaModel, cache), **kwargs)
 
 
 class FeatureDraftForCausalLM(LlamaForCausalLM):
@@ -95,17 +96,17 @@ class FeatureDraftForCausalLM(LlamaForCausalLM):
         self.lm_head = ReducedVocabHead(config)
         self.post_init()
 
-    def forward(self, input_ids=None, features=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, features=None, attention_mask=None, position_ids=None, cache=None,
                 use_cache=None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> FeatureDraftOutput:
         """input_ids [B, T]: tokens x_t; features [B, T, H]: the target's feature at t-1 for each (or the draft's own
         prediction of it, deeper in a tree)."""
         out = self.model(input_ids=input_ids, features=features, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+                         position_ids=position_ids, cache=cache, use_cache=use_cache, **kwargs)
         hidden = out.last_hidden_state
         kept = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) and logits_to_keep else hidden
         if isinstance(logits_to_keep, torch.Tensor):
             kept = hidden[:, logits_to_keep]
-        return FeatureDraftOutput(logits=self.lm_head(kept), features=hidden, past_key_values=out.past_key_values)
+        return FeatureDraftOutput(logits=self.lm_head(kept), features=hidden, cache=returned_cache(out))
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         raise ValueError(

@@ -22,6 +22,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 
 from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_pays
 from hf_specdec.backends.hf import HFBackend, check_runnable
+from hf_specdec.compat import user_cache
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.distributed import (
     LockstepBackend, LockstepCheck, check_sharded_pair, share_random_state, tensor_parallel,
@@ -97,9 +98,9 @@ def _validate(model, draft_model, config: SpeculativeConfig, generation_config, 
     for flag in ("output_attentions", "output_hidden_states"):
         if getattr(generation_config, flag):
             raise ValueError(f"{flag}=True is not supported by speculative_generate; set it to False")
-    cache = model_kwargs.get("past_key_values")
+    cache = user_cache(model_kwargs)
     if cache is not None and (getattr(cache, "_is_user_defined", False) or cache.get_seq_length() > 0):
-        raise ValueError("speculative_generate builds its own caches; do not pass past_key_values")
+        raise ValueError("speculative_generate builds its own caches; do not pass a KV cache (cache= / past_key_values=)")
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("speculative_generate needs input_ids, not inputs_embeds")
     if streamer is not None and batch_size > 1:

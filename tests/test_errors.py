@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from tiny_models import tiny_model
+from transformers import DynamicCache
 
 from hf_specdec import SpeculativeConfig, speculative_generate
+from hf_specdec.compat import cache_argument
 
 
 class RecordingStreamer:
@@ -154,6 +156,15 @@ def test_attention_outputs(models):
     target, draft = models
     with pytest.raises(ValueError, match="output_attentions"):
         run(target, draft, output_attentions=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("keyword", ["cache", "past_key_values"])
+def test_a_prefilled_cache_is_refused(models, keyword):
+    target, draft = models
+    cache = DynamicCache()
+    target(torch.tensor([[1, 5]]), use_cache=True, **cache_argument(target, cache))
+    with pytest.raises(ValueError, match="builds its own caches"):
+        run(target, draft, **{keyword: cache})
 
 
 def test_right_padding(models):

@@ -6,6 +6,7 @@ from draft_fixtures import TINY_LLAMA_SHAPE, VOCAB_SIZE, tiny_target
 from transformers import AutoConfig, DynamicCache
 
 from hf_specdec import distill, models
+from hf_specdec.compat import cache_argument
 from hf_specdec.draft_model import ReducedVocabLlamaConfig, ReducedVocabLlamaForCausalLM
 from hf_specdec.feature_draft import FeatureDraftConfig, FeatureDraftForCausalLM
 
@@ -52,8 +53,8 @@ def test_tree_forward_with_4d_mask_position_ids_and_cache_matches_each_path(attn
     position_ids = torch.tensor([[past + len(path) - 1 for path in paths]])
     with torch.no_grad():
         cache = DynamicCache(config=draft.config)
-        draft(prefix, past_key_values=cache, use_cache=True)
-        tree_logits = draft(tokens, attention_mask=mask, position_ids=position_ids, past_key_values=cache).logits[0]
+        draft(prefix, use_cache=True, **cache_argument(draft, cache))
+        tree_logits = draft(tokens, attention_mask=mask, position_ids=position_ids, **cache_argument(draft, cache)).logits[0]
         for node, path in enumerate(paths):
             chain = torch.cat([prefix, tokens[:, path]], dim=1)
             torch.testing.assert_close(tree_logits[node], draft(chain).logits[0, -1], atol=1e-5, rtol=1e-5)

@@ -64,6 +64,7 @@ def _time_forward(model, tokens: int, packed: bool, context: int = 64, repeats: 
 
     from transformers import DynamicCache
 
+    from hf_specdec.compat import cache_argument
     from hf_specdec.feature_draft import timing_inputs
     from hf_specdec.rope import state_preserved
 
@@ -72,9 +73,9 @@ def _time_forward(model, tokens: int, packed: bool, context: int = 64, repeats: 
     with torch.no_grad(), packed_linears(model, packed), state_preserved(model):
         for _ in range(repeats + 1):  # the first run packs (or warms up)
             cache = DynamicCache()
-            model(ids[:, :context], past_key_values=cache, use_cache=True, **timing_inputs(model, ids[:, :context]))
+            model(ids[:, :context], use_cache=True, **cache_argument(model, cache), **timing_inputs(model, ids[:, :context]))
             start = time.perf_counter()
-            model(ids[:, context:], past_key_values=cache, use_cache=True, **timing_inputs(model, ids[:, context:]))
+            model(ids[:, context:], use_cache=True, **cache_argument(model, cache), **timing_inputs(model, ids[:, context:]))
             best = min(best, time.perf_counter() - start)
     return best
 

@@ -9,6 +9,7 @@ from transformers import DynamicCache
 
 from hf_specdec.backends.base import Forward
 from hf_specdec.cache_layout import sliding_window_mask
+from hf_specdec.compat import cache_argument
 from hf_specdec.feature_draft import reads_target_features
 from hf_specdec.rope import PlainDecodingRope
 
@@ -123,7 +124,7 @@ class HFBackend:
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=self._model_mask(attention_mask, position_ids, key_positions),
-            past_key_values=self.cache,
+            **cache_argument(self.model, self.cache),
             use_cache=True,
             **({"logits_to_keep": logits_to_keep} if self.supports_logits_to_keep else {}),
         )

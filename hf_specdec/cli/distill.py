@@ -7,7 +7,8 @@ import argparse
 DEFAULT_OUT = "runs/distill"
 DEFAULT_TEACHER_DIR = "runs/teacher"
 EMBEDDED_TARGET = "embedded"
-# per draft type: what its options default to (the shipped drafts were trained with these)
+# per draft type: what its options default to (the shipped feature draft's first 900 steps; its model card has the
+# continuation, and the standalone draft's card the older command that trained it)
 DEFAULTS = {
     "feature": {"layers": "1", "steps": 900, "lr": 2e-3, "batch_tokens": 4096},
     "standalone": {"layers": "0,1", "steps": 400, "lr": 1e-3, "batch_tokens": 8192},
@@ -62,7 +63,9 @@ def add_parser(subparsers) -> None:
     train.add_argument("--warmup-steps", type=int, default=30, help="linear learning-rate warm-up")
     train.add_argument("--unroll", type=int, default=3, help="feature: unrolled draft steps (tree depths) trained")
     train.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
-    train.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from OUT/checkpoint.pt; with a larger --steps than that run's, training goes "
+                       "on with the cosine schedule recomputed for the new total (a warm restart)")
     train.add_argument(
         "--fp32", action="store_true", help="no bf16 autocast (it is ~2x faster on CPUs with bf16 matmuls)"
     )

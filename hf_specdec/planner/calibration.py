@@ -134,6 +134,7 @@ def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int 
     from transformers import DynamicCache
 
     from hf_specdec.backends.cpu_kernels import packed_linears, prepacking_pays
+    from hf_specdec.compat import cache_argument
     from hf_specdec.feature_draft import timing_inputs
     from hf_specdec.rope import state_preserved
 
@@ -157,8 +158,8 @@ def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int 
             cache = DynamicCache(ddp_cache_data=[(past, past)] * config.num_hidden_layers)
             _synchronize(device)
             start = time.perf_counter()
-            model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, past_key_values=cache,
-                  use_cache=True, **timing_inputs(model, input_ids))
+            model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=True,
+                  **cache_argument(model, cache), **timing_inputs(model, input_ids))
             _synchronize(device)
             times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:])
