@@ -11,13 +11,13 @@ interval).
 from __future__ import annotations
 
 import math
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from hf_specdec.config import SpeculativeConfig
+from hf_specdec.planner import MachineSpeed
 
 # "ar-loop": plain autoregressive decoding through hf_specdec's own loop and backend (speculative_config="ar"), which
 # separates what the backend's kernels gain from what speculation gains
@@ -294,7 +294,7 @@ class Bench:
         machine's drift (tens of percent within a bench run) weighs on every setting alike and the ratios compare
         like with like. Each setting is warmed up (and its step model loaded) first. A round (one prompt, every
         setting) predicts its speculative generations at the machine's speed during the round: the median of the
-        one-token forwards timed before each of them (one timing varies by 10-20% on a shared machine)."""
+        probes (`planner.machine_speed`) timed before each of them."""
         models = []
         for setting in settings:
             self.warm_up(setting)
@@ -312,10 +312,10 @@ class Bench:
                     ran.append((setting, model, tally, self.drafted_depths(setting, stats)))
                 if progress is not None:
                     progress.update(1)
-            target_speed = statistics.median(speed[0] for _, speed in probes) if probes else 1.0
-            for setting, model, tally, depths in ran:
-                draft_speed = statistics.median(speed[1] for draft, speed in probes if draft == setting.draft)
-                tally.predicted_seconds += model.seconds(depths, (target_speed, draft_speed))
+            round_speed = MachineSpeed.median([speed for _, speed in probes]) if probes else MachineSpeed()
+            for setting, model, tally, depths in ran:  # the draft's factor from the probes of the same draft
+                draft_speed = MachineSpeed.median([speed for draft, speed in probes if draft == setting.draft]).draft
+                tally.predicted_seconds += model.seconds(depths, replace(round_speed, draft=draft_speed))
                 tally.predicted_steps += len(depths)
         return [self._record(setting, tally) for setting, tally in zip(settings, tallies)]
 
@@ -400,14 +400,14 @@ class StepModel:
     sampling: object  # planner.loop_cost.Sampling
 
     def __post_init__(self):
-        self.seconds([self.config.depth], (1.0, 1.0))  # calibrate, measure the loop: before anything is timed
+        self.seconds([self.config.depth], MachineSpeed())  # calibrate, measure the loop: before anything is timed
 
-    def speed(self) -> tuple[float, float]:
+    def speed(self) -> MachineSpeed:
         from hf_specdec.planner import machine_speed
 
         return machine_speed(self.target, self.draft, self.context)
 
-    def seconds(self, depths: list[int], speed: tuple[float, float]) -> float:
+    def seconds(self, depths: list[int], speed: MachineSpeed) -> float:
         """The predicted seconds of steps drafting to `depths`, at `speed`."""
         from hf_specdec.planner import predict_step_seconds
 

@@ -349,9 +349,9 @@ def test_auto_learns_that_trees_do_not_pay_from_measured_steps(tmp_path, monkeyp
 
 
 def test_the_machine_speed_scales_each_model_s_part_of_a_step(tmp_path, monkeypatch):
-    """`speed` = (target, draft) factors: the target's forward and the loop's work scale with the first, the draft's
-    passes with the second, so the two parts add up to the step."""
-    from hf_specdec.planner import calibration, machine_speed, predict_step_seconds
+    """`speed`: the target's forward scales with its factor at the tree's width, the loop's work with the target's
+    one-token factor, the draft's passes with the draft's, so the three parts add up to the step."""
+    from hf_specdec.planner import MachineSpeed, calibration, machine_speed, predict_step_seconds
 
     monkeypatch.setenv("HF_SPECDEC_CACHE", str(tmp_path))
     hardware = Hardware("fake", matmul_flops=1e10, attention_flops=1e10, bandwidth=1e9, attention_bandwidth=1e9,
@@ -363,12 +363,28 @@ def test_the_machine_speed_scales_each_model_s_part_of_a_step(tmp_path, monkeypa
     def step(speed):
         return predict_step_seconds(target, draft, "rsd-c:b=2-2", 1, 64, corrections=False, speed=speed)
 
-    assert step((2.0, 2.0)) == pytest.approx(2 * step((1.0, 1.0)))
-    assert step((1.0, 0.0)) + step((0.0, 1.0)) == pytest.approx(step((1.0, 1.0)))
-    assert step((1.0, 0.0)) > 1e-3 and step((0.0, 1.0)) > 0  # the loop's millisecond is in the target's part
+    assert step(MachineSpeed(2.0, 2.0, 2.0)) == pytest.approx(2 * step(MachineSpeed()))
+    draft_passes, target_side = step(MachineSpeed(0, 0, 1)), step(MachineSpeed(1, 1, 0))
+    assert draft_passes > 0 and target_side + draft_passes == pytest.approx(step(MachineSpeed()))
+    target_forward = target_side - 1e-3  # the loop's millisecond is on the target's side
+    assert target_forward > 0
+    slower = MachineSpeed(2, 1, 0)  # rsd-c:b=2-2 scores 7 tokens: between the anchors
+    assert step(slower) == pytest.approx(2 * 1e-3 + slower.target(7) * target_forward)
     monkeypatch.setattr(calibration, "time_forward", lambda model, *args, **kwargs: 3 * 1e-3)
-    target_speed, draft_speed = machine_speed(target, draft, 64)
-    assert target_speed > 0 and draft_speed > target_speed  # the same 3 ms measured: the draft is modelled cheaper
+    speed = machine_speed(target, draft, 64)
+    assert speed.target_one > speed.target_wide > 0  # the same 3 ms measured: the wide forward is modelled dearer
+    assert speed.draft > speed.target_one  # and the draft cheaper
+
+
+def test_a_forward_between_the_anchors_takes_a_factor_between_theirs():
+    from hf_specdec.planner import WIDE_FORWARD_TOKENS, MachineSpeed
+
+    speed = MachineSpeed(target_one=2.0, target_wide=1.0)
+    assert speed.target(1) == 2.0 and speed.target(WIDE_FORWARD_TOKENS) == 1.0 and speed.target(64) == 1.0
+    assert speed.target(2) > speed.target(7) > speed.target(16) > 1.0
+    assert speed.target(4) == pytest.approx(2 ** (1 - math.log(4) / math.log(WIDE_FORWARD_TOKENS)))  # log-linear
+    middle = MachineSpeed.median([MachineSpeed(1, 2, 3), MachineSpeed(3, 1, 2), MachineSpeed(2, 3, 1)])
+    assert middle == MachineSpeed(2, 2, 2)
 
 
 def test_growth_threshold_is_the_node_cost_times_the_speedup():

@@ -6,7 +6,10 @@ block efficiencies. Heavy imports (torch, numpy) stay inside the functions that 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import statistics
 
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.planner.hardware import BUILTIN, Hardware, load_hardware
@@ -16,7 +19,7 @@ from hf_specdec.planner.shapes import PRESETS, ModelShape, load_shape, shape_fro
 
 __all__ = [
     "BUILTIN", "FULL", "MEDUSA_G3", "OPERATOR_SETS", "PRESETS", "Hardware", "LatencyModel", "ModelShape",
-    "OperatorSet", "choose_config", "forward_costs", "load_hardware", "load_shape", "machine_speed",
+    "MachineSpeed", "OperatorSet", "choose_config", "forward_costs", "load_hardware", "load_shape", "machine_speed",
     "predict_step_seconds",
     "record_acceptance", "shape_from_config",
 ]
@@ -96,27 +99,57 @@ def dynamic(estimate) -> SpeculativeConfig:
     return dataclasses.replace(estimate.config, min_path_q=round(growth_threshold(estimate), 3))
 
 
-def machine_speed(target_model, draft_model, context_length: int) -> tuple[float, float]:
-    """How much slower (> 1) or faster than calibrated this machine runs each model right now: a one-token forward
-    of the target and of the draft timed now (median of `CHECK_REPEATS`) over the calibrated model's prediction.
-    A shared machine's speed drifts by tens of percent within an hour; scaling a prediction by this compares the
-    model's shape dependence (tree sizes, passes, loop work) with a measurement taken in the same phase."""
+# the target's wide anchor of `machine_speed`: about the largest tree `bench` scores
+WIDE_FORWARD_TOKENS = 32
+
+
+@dataclasses.dataclass(frozen=True)
+class MachineSpeed:
+    """How much slower (> 1) or faster than calibrated this machine runs each model right now (`machine_speed`).
+
+    A shared machine's speed drifts by tens of percent within an hour, and not alike for every forward: a one-token
+    forward streams the weights (memory-bound: it slows down when neighbours use the memory bus), a wide one
+    multiplies them (compute-bound). So the target has two anchors, its one-token and its `WIDE_FORWARD_TOKENS`-token
+    forward, and a forward in between is scaled log-linearly in its token count; the draft (small enough to stay in
+    cache) has one."""
+
+    target_one: float = 1.0
+    target_wide: float = 1.0
+    draft: float = 1.0
+
+    def target(self, tokens: int) -> float:
+        """The factor of a target forward of `tokens` tokens per row."""
+        weight = min(max(math.log(tokens) / math.log(WIDE_FORWARD_TOKENS), 0.0), 1.0)
+        return self.target_one ** (1 - weight) * self.target_wide ** weight
+
+    @staticmethod
+    def median(speeds: list[MachineSpeed]) -> MachineSpeed:
+        """Field by field: one timing varies by 10-20% on a shared machine."""
+        return MachineSpeed(*(statistics.median(getattr(s, f.name) for s in speeds)
+                              for f in dataclasses.fields(MachineSpeed)))
+
+
+def machine_speed(target_model, draft_model, context_length: int) -> MachineSpeed:
+    """Forwards timed now (median of `CHECK_REPEATS` each) over the calibrated model's prediction of them: the
+    target's at one and `WIDE_FORWARD_TOKENS` tokens, the draft's at one. Scaling a prediction by this compares the
+    model's shape dependence (tree sizes between the anchors, draft passes, loop work) with measurements taken in
+    the same phase."""
     from hf_specdec.planner.calibration import CHECK_REPEATS, time_forward
 
-    def ratio(model):
-        now = time_forward(model, 1, 1, context_length, repeats=CHECK_REPEATS)
-        return now / _latency_model(model).seconds(1, 1, context_length)
+    def ratio(model, tokens):
+        now = time_forward(model, 1, tokens, context_length, repeats=CHECK_REPEATS)
+        return now / _latency_model(model).seconds(1, tokens, context_length)
 
-    return ratio(target_model), ratio(draft_model)
+    return MachineSpeed(ratio(target_model, 1), ratio(target_model, WIDE_FORWARD_TOKENS), ratio(draft_model, 1))
 
 
 def predict_step_seconds(target_model, draft_model, config: SpeculativeConfig, batch_size: int,
                          context_length: int, sampling=None, corrections: bool = True,
-                         speed: tuple[float, float] = (1.0, 1.0)) -> float:
+                         speed: MachineSpeed = MachineSpeed()) -> float:
     """The planner's prediction of one speculative step of `config` here: both models' calibrated forwards and the
     loop's measured work (`sampling` as in `choose_config`), corrected by what steps measured here so far
-    (`step_times.corrected`, unless `corrections` is False), as `auto` ranks shapes with it. `speed`: the
-    (target, draft) factors of `machine_speed`, the loop's work scaled with the target's."""
+    (`step_times.corrected`, unless `corrections` is False), as `auto` ranks shapes with it. `speed`: the factors
+    of `machine_speed`; the loop's work (small host-side operations) scales with the target's one-token factor."""
     from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT
     from hf_specdec.planner.loop_cost import loop_cost
     from hf_specdec.planner.planning import estimate_config
@@ -128,9 +161,8 @@ def predict_step_seconds(target_model, draft_model, config: SpeculativeConfig, b
                                _latency_model(draft_model), loop)
     if corrections:
         estimate = corrected([estimate], measured_step_times(target_model, draft_model, batch_size))[0]
-    target_speed, draft_speed = speed
-    return target_speed * (sum(estimate.target_seconds.values()) + estimate.loop_seconds) + \
-        draft_speed * estimate.draft_seconds
+    return speed.target(estimate.candidates) * sum(estimate.target_seconds.values()) + \
+        speed.target_one * estimate.loop_seconds + speed.draft * estimate.draft_seconds
 
 
 def record_acceptance(target_model, draft_model, config, block_efficiency: float, num_steps: int,
