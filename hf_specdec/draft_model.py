@@ -30,6 +30,7 @@ class ReducedVocabLlamaConfig(LlamaConfig):
 
     kept_token_ids: list[int] | None = None  # the draft's output vocabulary, in head-row order
     oov_embedding_rank: int = 64
+    logit_scale: float = 1.0  # q = softmax(logit_scale * logits): fitted after training (`draft_quality`)
 
     def validate_architecture(self):
         super().validate_architecture()
@@ -63,21 +64,29 @@ class ReducedVocabEmbedding(nn.Module):
 
 
 class ReducedVocabHead(nn.Linear):
-    """Logits for the kept tokens only, scattered into a full-vocabulary tensor that is -inf elsewhere."""
+    """Logits for the kept tokens only, times the config's `logit_scale`, scattered into a full-vocabulary tensor
+    that is -inf elsewhere.
+
+    The scale sharpens (> 1) or flattens the draft's q after training: a draft trained on KL(p || q) spreads q to
+    cover p, and a sharper q can overlap p more (alpha = sum min(p, q)). Any q keeps sampling exact: the verifier
+    tests the q the draft sampled from."""
 
     LINEAR_METHOD = "kept_logits"  # what `backends.cpu_kernels.packed_linears` may swap for a prepacked GEMM
 
     def __init__(self, config: ReducedVocabLlamaConfig):
         super().__init__(config.hidden_size, len(config.kept_token_ids), bias=False)
         self.vocab_size = config.vocab_size
+        self.logit_scale = config.logit_scale
         self.register_buffer("kept_token_ids", torch.tensor(config.kept_token_ids))
 
     def kept_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Logits over the subset, in `kept_token_ids` order (what training uses)."""
+        """Logits over the subset, in `kept_token_ids` order, unscaled (what training uses)."""
         return super().forward(hidden_states)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         kept = self.kept_logits(hidden_states)
+        if self.logit_scale != 1.0:
+            kept = kept * self.logit_scale
         logits = kept.new_full((*kept.shape[:-1], self.vocab_size), float("-inf"))
         return logits.index_copy_(-1, self.kept_token_ids, kept)
 

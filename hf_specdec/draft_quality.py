@@ -12,6 +12,8 @@ input at every generated position, so p is exact).
 - chain block efficiency for a chain of L draft tokens with per-depth acceptance a_1, a_2, ...: 1 + a_1 + a_1 a_2 +
   ... (deeper depths than measured repeat the deepest).
 - cost: best-of-N wall time of one forward pass of n new tokens after `past_len` cached tokens, draft over target.
+- the draft's logit scale (`fit_logit_scale`): q = softmax(s * logits) for the s with the most alpha, fitted on
+  held-out prompts other than the ones measured.
 """
 
 from __future__ import annotations
@@ -29,21 +31,28 @@ from hf_specdec.feature_draft import reads_target_features, timing_inputs
 from hf_specdec.teacher import Continuation, lm_head_inputs, target_continuations
 
 CHAIN_LENGTHS = (1, 2, 3, 4, 5, 6, 8)
+LOGIT_SCALES = tuple(round(0.8 + 0.05 * i, 2) for i in range(15))  # 0.8 .. 1.5
 COST_TOKENS = (1, 8, 32)
 FEATURE_DEPTHS = 4  # tree depths a feature draft is measured at
 
 
 # ------------------------------------------------------------------------------------------------ acceptance
 @torch.no_grad()
-def draft_log_probs(draft, target, sample: Continuation) -> list[torch.Tensor]:
-    """log q at the sample's generated positions [generated, V], one tensor per depth (a standalone draft: one)."""
+def draft_hidden(draft, target, sample: Continuation) -> list[torch.Tensor]:
+    """The draft's LM-head input at the sample's generated positions [generated, H], one tensor per depth (a
+    standalone draft: one)."""
     tokens = sample.token_ids[None].long()
     positions = torch.arange(sample.prompt_len - 1, len(sample.token_ids) - 1)
     if not reads_target_features(draft):
-        return [torch.log_softmax(draft(tokens).logits[0, positions].float(), dim=-1)]
+        return [draft.model(tokens).last_hidden_state[0, positions]]
     features = lm_head_inputs(target, sample.token_ids)[None].to(draft.dtype)
-    hidden = feature_unrolled(draft, tokens, features, FEATURE_DEPTHS)
-    return [torch.log_softmax(draft.lm_head(h[0, positions]).float(), dim=-1) for h in hidden]
+    return [h[0, positions] for h in feature_unrolled(draft, tokens, features, FEATURE_DEPTHS)]
+
+
+@torch.no_grad()
+def draft_log_probs(draft, target, sample: Continuation) -> list[torch.Tensor]:
+    """log q at the sample's generated positions [generated, V], one tensor per depth (a standalone draft: one)."""
+    return [torch.log_softmax(draft.lm_head(h).float(), dim=-1) for h in draft_hidden(draft, target, sample)]
 
 
 @torch.no_grad()
@@ -70,6 +79,32 @@ def acceptance(draft, target, samples: list[Continuation]) -> dict:
         "draft_support_mass": torch.cat(support_mass).mean().item(),
         "positions": sum(len(a) for a in alphas[0]),
     }
+
+
+def overlap_by_scale(p: torch.Tensor, logits: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """sum_x min(p(x), q_s(x)) with q_s = softmax(s * logits), for each scale s [S] at each position: [S, n].
+    p [n, K] and logits [n, K] over the same K tokens (a reduced-vocabulary draft's: q is 0 elsewhere)."""
+    q = torch.softmax(scales[:, None, None] * logits[None].float(), dim=-1)
+    return torch.minimum(p[None], q).sum(-1)
+
+
+@torch.no_grad()
+def fit_logit_scale(draft, target, samples: list[Continuation], scales=LOGIT_SCALES) -> dict:
+    """The scale of the draft's logits with the most alpha over `samples`, every depth a draft tree uses counted
+    (a feature draft's `FEATURE_DEPTHS`). Returns `logit_scale` and `alpha_by_scale`."""
+    head = target.get_output_embeddings()
+    kept = draft.lm_head.kept_token_ids
+    scale_values = torch.tensor(scales)
+    total, count = torch.zeros(len(scales), dtype=torch.float64), 0
+    for sample in samples:
+        p = torch.softmax(head(sample.hidden.to(head.weight.dtype)).float(), dim=-1)[:, kept]
+        for depth, hidden in enumerate(draft_hidden(draft, target, sample)):
+            logits = draft.lm_head.kept_logits(hidden)[depth:]
+            total += overlap_by_scale(p[depth:], logits, scale_values).sum(-1).double()
+            count += logits.shape[0]
+    alpha = (total / max(count, 1)).tolist()
+    best = max(range(len(scales)), key=alpha.__getitem__)
+    return {"logit_scale": scales[best], "alpha_by_scale": {f"{s:g}": a for s, a in zip(scales, alpha)}}
 
 
 def chain_block_efficiency(acceptance_rate: "float | list[float]", length: int) -> float:

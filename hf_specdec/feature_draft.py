@@ -40,6 +40,7 @@ class FeatureDraftConfig(LlamaConfig):
 
     kept_token_ids: list[int] | None = None  # the draft's output vocabulary, in head-row order
     oov_embedding_rank: int = 32
+    logit_scale: float = 1.0  # q = softmax(logit_scale * logits), as in `ReducedVocabHead`
 
     def validate_architecture(self):
         super().validate_architecture()

@@ -178,7 +178,7 @@ def test_saved_standalone_draft_loads_as_a_full_vocabulary_causal_lm(target, tmp
 def test_cli_distill_help_lists_the_options():
     help_text = build_parser()._subparsers._group_actions[0].choices["distill"].format_help()
     for option in ("--target", "--draft-type", "--teacher-dir", "--positions", "--steps", "--lr", "--batch-tokens",
-                   "--unroll", "--out", "--seed", "--resume"):
+                   "--unroll", "--out", "--seed", "--resume", "--fit-logit-scale", "--scale-prompts"):
         assert option in help_text
 
 
@@ -265,3 +265,37 @@ def test_teacher_data_on_the_targets_own_continuations(target, teacher_data, tmp
     both = teacher_data + generated
     assert len(both) == len(teacher_data) + 6 and both.lengths()[-6:] == generated.lengths()
     assert torch.equal(both[len(teacher_data)].tokens, generated[0].tokens)
+
+
+def test_a_draft_equal_to_its_target_fits_the_unit_logit_scale(target, heldout):
+    """q = p at scale 1 and nowhere else, so the fit finds 1 (and alpha 1 there)."""
+    draft = distill.init_standalone_draft(target, list(range(VOCAB_SIZE)), [0, 1, 2], oov_rank=4).eval()
+    fit = draft_quality.fit_logit_scale(draft, target, heldout)
+    assert fit["logit_scale"] == 1.0 and fit["alpha_by_scale"]["1"] == pytest.approx(1.0, abs=1e-5)
+    assert max(fit["alpha_by_scale"].values()) == fit["alpha_by_scale"]["1"] and len(fit["alpha_by_scale"]) == 15
+
+
+def test_overlap_is_largest_where_the_scaled_q_is_p():
+    logits = torch.randn(5, 11)
+    p = torch.softmax(1.3 * logits, dim=-1)
+    overlap = draft_quality.overlap_by_scale(p, logits, torch.tensor([0.9, 1.0, 1.3, 1.5]))
+    assert overlap[2] == pytest.approx(torch.ones(5)) and (overlap[[0, 1, 3]] < 1 - 1e-3).all()
+
+
+@pytest.mark.parametrize("draft_type", ["standalone", "feature"])
+def test_the_logit_scale_multiplies_the_kept_logits_and_is_saved(draft_type, target, tmp_path):
+    if draft_type == "feature":
+        draft = distill.init_feature_draft(target, KEPT, 1, oov_rank=4).eval()
+        inputs = {"features": torch.randn(1, 7, target.config.hidden_size)}
+    else:
+        draft = distill.init_standalone_draft(target, KEPT, [1], oov_rank=4).eval()
+        inputs = {}
+    tokens = torch.randint(VOCAB_SIZE, (1, 7))
+    with torch.no_grad():
+        unscaled = draft(tokens, **inputs).logits
+        draft.config.logit_scale = draft.lm_head.logit_scale = 1.25
+        scaled = draft(tokens, **inputs).logits
+    torch.testing.assert_close(scaled[..., KEPT], 1.25 * unscaled[..., KEPT])
+    assert torch.isneginf(scaled[..., [k for k in range(VOCAB_SIZE) if k not in KEPT]]).all()
+    distill.save_draft(draft, tmp_path)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path).lm_head.logit_scale == 1.25

@@ -38,6 +38,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--draft-type", choices=("feature", "standalone"), default="feature")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--evaluate", metavar="DRAFT_DIR", help="only measure an existing draft against the target")
+    parser.add_argument("--fit-logit-scale", metavar="DRAFT_DIR",
+                        help="only fit an existing draft's logit scale (as training ends with) and write it to its "
+                        "config.json")
     data = parser.add_argument_group("teacher data")
     data.add_argument("--teacher-dir", default=DEFAULT_TEACHER_DIR, help="where the teacher data is (or is built)")
     data.add_argument("--positions", type=int, default=2_000_000, help="teacher positions (tokens) to store")
@@ -72,6 +75,9 @@ def add_parser(subparsers) -> None:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--eval-prompts", type=int, default=128, help="held-out prompts")
     evaluation.add_argument("--max-new-tokens", type=int, default=128, help="held-out continuation length")
+    evaluation.add_argument("--scale-prompts", type=int, default=64,
+                            help="held-out prompts after the --eval-prompts ones that the draft's logit scale is "
+                            "fitted on (q = softmax(s * logits), the s with the most alpha)")
     parser.add_argument("--seed", type=int, default=0, help="seeds sampling and data order")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
 
@@ -89,13 +95,19 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     target, tokenizer = _load_target(args.target)
     out = Path(args.out)
-    if args.evaluate:
+    if args.evaluate or args.fit_logit_scale:
         from transformers import AutoModelForCausalLM
 
         import hf_specdec.models  # noqa: F401  (registers the draft model types)
 
-        draft = AutoModelForCausalLM.from_pretrained(args.evaluate, dtype=torch.float32).eval()
-        report = evaluate_draft(target, draft, tokenizer, out / "heldout", args.eval_prompts, args.max_new_tokens, args.seed)
+        draft_dir = args.evaluate or args.fit_logit_scale
+        draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
+        if args.fit_logit_scale:
+            report = _fit_logit_scale(target, draft, tokenizer, out, args)
+            draft.config.save_pretrained(draft_dir)
+        else:
+            report = evaluate_draft(target, draft, tokenizer, out / "heldout", args.eval_prompts, args.max_new_tokens,
+                                    args.seed)
         print(json.dumps(report, indent=2))
         return 0
 
@@ -132,11 +144,28 @@ def run(args) -> int:
     )
     out.mkdir(parents=True, exist_ok=True)
     distill.train_draft(draft, teacher_head, data, options, checkpoint, args.resume, tokenizer.pad_token_id)
+    scale_fit = _fit_logit_scale(target, draft, tokenizer, out, args)
     distill.save_draft(draft, out / "draft")
     report = evaluate_draft(target, draft, tokenizer, out / "heldout", args.eval_prompts, args.max_new_tokens, args.seed)
+    report["logit_scale_fit"] = scale_fit
     (out / "draft" / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
+
+
+def _fit_logit_scale(target, draft, tokenizer, out, args) -> dict:
+    """Fit `draft`'s logit scale (set on it and its config) on the held-out prompts after the ones --evaluate
+    measures, so the measurement never sees what the scale was fitted on."""
+    from hf_specdec.data import heldout_prompts
+    from hf_specdec.draft_quality import fit_logit_scale
+    from hf_specdec.teacher import target_continuations
+
+    prompts = heldout_prompts(args.eval_prompts + args.scale_prompts, tokenizer)[args.eval_prompts:]
+    samples = target_continuations(target, tokenizer, prompts, out / "scale-fit", 16, args.max_new_tokens, args.seed,
+                                   greedy=False)
+    fit = fit_logit_scale(draft, target, samples)
+    draft.config.logit_scale = draft.lm_head.logit_scale = fit["logit_scale"]
+    return fit
 
 
 def _load_target(name: str):
