@@ -17,9 +17,14 @@ def _cache_keyword(model_class: type) -> str:
     return "cache" if "cache" in parameters else "past_key_values"
 
 
+def cache_keyword(model) -> str:
+    """The keyword under which the forward of `model` (a module, or a module class) takes its KV cache."""
+    return _cache_keyword(model if isinstance(model, type) else type(model))
+
+
 def cache_argument(model, cache) -> dict:
     """The keyword argument that hands `cache` to the forward of `model` (a module, or a module class)."""
-    return {_cache_keyword(model if isinstance(model, type) else type(model)): cache}
+    return {cache_keyword(model): cache}
 
 
 def user_cache(model_kwargs: dict):

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaMod
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaPreTrainedModel
 
-from hf_specdec.compat import cache_argument, returned_cache
+from hf_specdec.compat import cache_keyword, returned_cache
 from hf_specdec.draft_model import ReducedVocabEmbedding, ReducedVocabHead
 
 
@@ -58,6 +58,9 @@ class FeatureDraftOutput(ModelOutput):
     cache: object = None  # the KV cache (named as transformers' own outputs name it from 5.24 on)
 
 
+_BODY_CACHE_KEYWORD = cache_keyword(LlamaModel)  # how the Llama body takes its KV cache, read once
+
+
 class FeatureDraftModel(LlamaModel):
     """The draft's body: fuse(embedding of x_t, target feature at t-1) -> decoder layers -> final norm."""
 
@@ -80,7 +83,7 @@ class FeatureDraftModel(LlamaModel):
         embeddings = self.embed_tokens(input_ids)
         fused = self.fuse(torch.cat([embeddings, features.to(embeddings.dtype)], dim=-1))
         return super().forward(inputs_embeds=fused, attention_mask=attention_mask, position_ids=position_ids,
-                               use_cache=use_cache, **cache_argument(LlamaModel, cache), **kwargs)
+                               use_cache=use_cache, **{_BODY_CACHE_KEYWORD: cache}, **kwargs)
 
 
 class FeatureDraftForCausalLM(LlamaForCausalLM):

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 
 from hf_specdec.backends.base import Forward
 from hf_specdec.cache_layout import sliding_window_mask
-from hf_specdec.compat import cache_argument
+from hf_specdec.compat import cache_keyword
 from hf_specdec.feature_draft import reads_target_features
 from hf_specdec.rope import PlainDecodingRope
 
@@ -97,6 +97,7 @@ class HFBackend:
         self.min_value = torch.finfo(model.dtype).min
         self.supports_logits_to_keep = model._supports_logits_to_keep()
         self.cache = None
+        self.cache_keyword = cache_keyword(model)  # read once: `_run` is on every forward's path
         self.rope = PlainDecodingRope.for_model(model)  # None unless the rotary frequencies depend on the length
 
     def reset(self, batch_size: int, prompt_lengths: torch.Tensor) -> None:
@@ -124,7 +125,7 @@ class HFBackend:
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=self._model_mask(attention_mask, position_ids, key_positions),
-            **cache_argument(self.model, self.cache),
+            **{self.cache_keyword: self.cache},
             use_cache=True,
             **({"logits_to_keep": logits_to_keep} if self.supports_logits_to_keep else {}),
         )
