@@ -193,10 +193,10 @@ class OrtBackend:
 
     def _reserve(self, slots: int) -> None:
         """Grow the cache to hold `slots` slots per row (doubling, so growth copies stay rare)."""
+        self._check_limit("past", slots, f"a row needs {slots} cache slots")  # also below the starting capacity
         capacity = self.cache.shape[4]
         if slots <= capacity:
             return
-        self._check_limit("past", slots, f"a row needs {slots} cache slots")
         capacity = max(slots, 2 * capacity)
         capacity = min(-(-capacity // CAPACITY_BLOCK) * CAPACITY_BLOCK, self.max_dims["past"])
         grown = self.cache.new_zeros(*self.cache.shape[:4], capacity, self.cache.shape[5])

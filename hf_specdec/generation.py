@@ -16,8 +16,10 @@ from transformers.generation import logits_process as lp
 from transformers.generation import stopping_criteria as sc
 
 from hf_specdec.backends.base import ModelBackend
+from hf_specdec.backends.hf import HFBackend
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.loop import DecodeResult, SpeculativeDecoder
+from hf_specdec.rope import check_supported as check_rope_supported
 from hf_specdec.verification import Verifier
 from hf_specdec.verify_batched import verify_tree_batched
 
@@ -81,29 +83,36 @@ def logits_processors(generation_config: GenerationConfig, input_ids: torch.Tens
         processors.append(lp.InfNanRemoveLogitsProcessor())
     if config.suppress_tokens is not None:
         processors.append(lp.SuppressTokensLogitsProcessor(config.suppress_tokens))
-    if not config.do_sample:
-        return processors
-    if config.temperature is not None and config.temperature != 1.0:
-        processors.append(lp.TemperatureLogitsWarper(config.temperature))
-    if config.top_k:
-        processors.append(lp.TopKLogitsWarper(config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
-        processors.append(lp.TopPLogitsWarper(config.top_p))
-    if config.min_p is not None:
-        processors.append(lp.MinPLogitsWarper(config.min_p))
-    if config.typical_p is not None and config.typical_p < 1.0:
-        processors.append(lp.TypicalLogitsWarper(config.typical_p))
+    if config.do_sample:
+        if config.temperature is not None and config.temperature != 1.0:
+            processors.append(lp.TemperatureLogitsWarper(config.temperature))
+        if config.top_k:
+            processors.append(lp.TopKLogitsWarper(config.top_k))
+        if config.top_p is not None and config.top_p < 1.0:
+            processors.append(lp.TopPLogitsWarper(config.top_p))
+        if config.min_p is not None:
+            processors.append(lp.MinPLogitsWarper(config.min_p))
+        if config.typical_p is not None and config.typical_p < 1.0:
+            processors.append(lp.TypicalLogitsWarper(config.typical_p))
+    if config.renormalize_logits:  # last, as generate: it changes the returned scores only
+        processors.append(lp.LogitNormalization())
     return processors
 
 
 def max_length(generation_config: GenerationConfig, prompt_length: int) -> int:
+    """The total length generate stops at: prompt + max_new_tokens, else max_length, else prompt + 20 new tokens
+    (generate's default when neither is set: read it from the config as the user gave it, before `with_defaults`)."""
     if generation_config.max_new_tokens is not None:
         return prompt_length + generation_config.max_new_tokens
+    if generation_config.max_length is None:
+        return prompt_length + GenerationConfig._get_default_generation_params()["max_length"]
     return generation_config.max_length
 
 
-def stopping_criteria(generation_config: GenerationConfig, prompt_length: int) -> sc.StoppingCriteriaList:
-    criteria = sc.StoppingCriteriaList([sc.MaxLengthCriteria(max_length(generation_config, prompt_length))])
+def stopping_criteria(generation_config: GenerationConfig, length: int) -> sc.StoppingCriteriaList:
+    criteria = sc.StoppingCriteriaList([sc.MaxLengthCriteria(length)])
+    if generation_config.max_time is not None:
+        criteria.append(sc.MaxTimeCriteria(generation_config.max_time))
     eos = eos_tensor(generation_config)
     if eos is not None:
         criteria.append(sc.EosTokenCriteria(eos))
@@ -172,6 +181,7 @@ def decode(
     """Generate with `target` (and `draft`, unless the config is `ar`) as `generate` would with this config.
     `input_ids` [B, P] left-padded where `attention_mask` is 0. Seed with `torch.manual_seed` for reproducible sampling.
     `verifier`: an implementation of the verifier interface (e.g. a TensorRT verify engine); default: the device's."""
+    length = max_length(generation_config, input_ids.shape[1])
     generation_config = with_defaults(generation_config)
     _check_supported(generation_config)
     config = SpeculativeConfig.parse(speculative_config)
@@ -179,12 +189,13 @@ def decode(
         raise ValueError("speculative_config='auto' needs the planner and PyTorch models; pass an explicit config such as 'rsd-s:w=3,d=4'")
     input_ids = input_ids.to(target.device)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(target.device)
-    prompt_length = input_ids.shape[1]
+    if isinstance(target, HFBackend):  # as speculative_generate: the one rotary schedule the loop cannot reproduce
+        check_rope_supported(target.model, attention_mask, length)
     decoder = make_decoder(
         target, draft, config, generation_config,
         logits_processors(generation_config, input_ids, attention_mask),
-        stopping_criteria(generation_config, prompt_length),
-        max_length(generation_config, prompt_length),
+        stopping_criteria(generation_config, length),
+        length,
         verifier=verifier, streamer=streamer,
     )
     return decoder.generate(input_ids, attention_mask)

@@ -270,9 +270,19 @@ class SpeculativeDecoder:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         check_prompt(input_ids, attention_mask)
+        if prompt_length >= self.max_length:  # as generate refuses it
+            raise ValueError(f"the prompt has {prompt_length} tokens but max_length is {self.max_length}: increase "
+                             "max_length or, better, set max_new_tokens")
         width = max(self.max_length, prompt_length) + self.config.depth + 2  # room for one step past max_length
         check_step_fits(self.config, batch, self.target.vocab_size, width, self.do_sample, device)
         stop = StopRule.from_criteria(self.stopping_criteria, self.max_length, device)
+        if batch > 1 and stop.per_token is not None and stop.eos_ids is None:
+            # without an eos token, generate keeps generating real tokens in a row its criterion stopped until every
+            # row has stopped; this loop ends a row where it stops
+            raise ValueError(
+                "with batch size > 1, stop strings or custom stopping criteria need an eos token: set eos_token_id "
+                "(e.g. to the tokenizer's eos_token_id), or generate one row at a time"
+            )
 
         out = Output(
             sequences=torch.full((batch, width), self.pad_token_id or 0, dtype=torch.long, device=device),
@@ -639,7 +649,8 @@ class SpeculativeDecoder:
 
     @staticmethod
     def _stack(per_row: list[list[torch.Tensor]] | None) -> tuple[torch.Tensor, ...] | None:
-        """Per generated position, a [B, V] tensor (zeros for rows that had already finished), as generate returns."""
+        """Per generated position, a [B, V] tensor, as generate returns; a row that had already finished gets zeros
+        there (generate would score the pad token it appends: a row is not scored after it finishes)."""
         if per_row is None:
             return None
         longest = max(len(r) for r in per_row)

@@ -74,7 +74,8 @@ def _arguments_generate_kept(stack_depth: int = 2) -> dict:
     return {name: frame.f_locals.get(name) for name in ("assistant_model", "streamer")}
 
 
-def _validate(model, draft_model, config: SpeculativeConfig, generation_config, model_kwargs, streamer, batch_size) -> None:
+def _validate(model, draft_model, config: SpeculativeConfig, generation_config, input_ids, model_kwargs, streamer) -> None:
+    batch_size = input_ids.shape[0]
     kept = _arguments_generate_kept(stack_depth=3)
     if kept.get("assistant_model") is not None:
         raise ValueError(
@@ -103,6 +104,7 @@ def _validate(model, draft_model, config: SpeculativeConfig, generation_config, 
         raise ValueError("speculative_generate builds its own caches; do not pass a KV cache (cache= / past_key_values=)")
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("speculative_generate needs input_ids, not inputs_embeds")
+    _check_model_inputs(input_ids, model_kwargs)
     if streamer is not None and batch_size > 1:
         raise ValueError("speculative_streamer supports batch size 1 (as HF streamers do)")
     if not config.is_speculative and config.method != "auto":
@@ -131,6 +133,34 @@ def _validate(model, draft_model, config: SpeculativeConfig, generation_config, 
         )
     if reads_target_features(draft_model):
         check_feature_draft(draft_model, model)
+
+
+# what generate() itself puts in the model keywords (plus the cache and inputs_embeds, checked above): the loop builds
+# each of them for every tree forward
+_GENERATE_MODEL_INPUTS = frozenset({"attention_mask", "position_ids", "cache_position", "logits_to_keep", "use_cache",
+                                    "cache", "past_key_values", "inputs_embeds"})
+
+
+def _check_model_inputs(input_ids, model_kwargs) -> None:
+    """Model inputs the loop would not pass on (token_type_ids, pixel_values, ...) and position ids other than
+    generate's own are refused: the tree forwards would run without them."""
+    extra = sorted(k for k, v in model_kwargs.items() if v is not None and k not in _GENERATE_MODEL_INPUTS)
+    if extra:
+        raise ValueError(
+            f"speculative_generate does not pass {', '.join(extra)} to the model (its tree forwards take token ids, "
+            "the attention mask and positions only); generate without them, or use plain generate()"
+        )
+    position_ids = model_kwargs.get("position_ids")
+    if position_ids is None:
+        return
+    mask = model_kwargs.get("attention_mask")
+    real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    default = real.long().cumsum(-1) - 1  # generate's positions of the real tokens (padding's do not matter)
+    if position_ids.shape != default.shape or not torch.equal(position_ids.to(default.device)[real], default[real]):
+        raise ValueError(
+            "speculative_generate numbers positions as generate does by default (from the attention mask); "
+            "pass no position_ids"
+        )
 
 
 def _sampling_temperature(generation_config) -> float:
@@ -171,9 +201,9 @@ def speculative_generate(
         draft_model,
         requested,
         generation_config,
+        input_ids,
         model_kwargs,
         speculative_streamer,
-        batch_size,
     )
     attention_mask = model_kwargs.get("attention_mask")
     check_rope_supported(model, torch.ones_like(input_ids) if attention_mask is None else attention_mask,
@@ -242,6 +272,8 @@ def _plain_generate(model, draft_model, input_ids, logits_processor, stopping_cr
     from hf_specdec.planner.step_times import PLAIN, record_step_time
 
     start = time.perf_counter()
+    if streamer is not None:  # generate() puts the prompt before it calls a strategy; it has not for this one
+        streamer.put(input_ids.cpu())
     out = model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
                         generation_config=generation_config, synced_gpus=False, streamer=streamer, **model_kwargs)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences

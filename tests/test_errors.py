@@ -127,6 +127,31 @@ def test_alibi_models_are_refused_by_name(models, family):
         run(draft, model)
 
 
+@pytest.mark.parametrize("family", ["roformer", "trocr", "gpt-neo-local"])
+def test_models_that_number_positions_by_cache_slot_are_refused_by_name(models, family):
+    """RoFormer and TrOCR take no position_ids, GPT-Neo's local layers window by slot: tree branches would get
+    other positions than plain decoding gives them."""
+    from transformers import (
+        GPTNeoConfig, GPTNeoForCausalLM, RoFormerConfig, RoFormerForCausalLM, TrOCRConfig, TrOCRForCausalLM,
+    )
+
+    _, draft = models
+    model, message = {
+        "roformer": (lambda: RoFormerForCausalLM(RoFormerConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                                num_attention_heads=4, intermediate_size=64,
+                                                                is_decoder=True)), "takes no position_ids"),
+        "trocr": (lambda: TrOCRForCausalLM(TrOCRConfig(vocab_size=64, d_model=32, decoder_layers=2,
+                                                       decoder_attention_heads=4, decoder_ffn_dim=64)),
+                  "takes no position_ids"),
+        "gpt-neo-local": (lambda: GPTNeoForCausalLM(GPTNeoConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4,
+                                                                 attention_types=[[["global", "local"], 1]],
+                                                                 window_size=4)), "has local attention layers"),
+    }[family]
+    model = model().eval()
+    with pytest.raises(ValueError, match=rf"\({type(model).__name__}\) {message}.*use plain generate"):
+        run(model, draft)
+
+
 def test_missing_draft(models):
     target, _ = models
     with pytest.raises(ValueError, match="pass draft_model="):
@@ -165,6 +190,38 @@ def test_a_prefilled_cache_is_refused(models, keyword):
     target(torch.tensor([[1, 5]]), use_cache=True, **cache_argument(target, cache))
     with pytest.raises(ValueError, match="builds its own caches"):
         run(target, draft, **{keyword: cache})
+
+
+def test_model_inputs_the_loop_would_drop_are_refused():
+    """GPT-2 takes token_type_ids (generate passes them on); the tree forwards would run without them."""
+    target, draft = tiny_model("gpt2"), tiny_model("gpt2", seed=1)
+    with pytest.raises(ValueError, match="does not pass token_type_ids"):
+        run(target, draft, token_type_ids=torch.tensor([[0, 1, 1]]))
+
+
+def test_position_ids_other_than_generates_are_refused(models):
+    target, draft = models
+    prompt, mask = torch.tensor([[0, 5, 6], [4, 5, 6]]), torch.tensor([[0, 1, 1], [1, 1, 1]])
+    default = mask.cumsum(-1) - 1
+    run(target, draft, prompt, attention_mask=mask, position_ids=default.clamp(min=0))  # generate's own: accepted
+    with pytest.raises(ValueError, match="pass no position_ids"):
+        run(target, draft, prompt, attention_mask=mask, position_ids=default + 10)
+
+
+def test_stop_criteria_without_eos_at_batch_above_one_are_refused(models):
+    """generate keeps generating real tokens in a row a criterion stopped while there is no eos token; the loop ends
+    rows where they stop, so it refuses rather than return other tokens."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class AtLength(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 5, dtype=torch.bool)
+
+    target, draft = models
+    prompt = torch.tensor([[1, 5, 6], [4, 5, 6]])
+    with pytest.raises(ValueError, match="need an eos token: set eos_token_id"):
+        run(target, draft, prompt, stopping_criteria=StoppingCriteriaList([AtLength()]), eos_token_id=None)
+    run(target, draft, prompt[:1], stopping_criteria=StoppingCriteriaList([AtLength()]), eos_token_id=None)  # batch 1
 
 
 def test_right_padding(models):

@@ -46,19 +46,21 @@ def test_prefix_dependent_processors_keep_greedy_identity(pair, batch, method, o
     assert torch.equal(out, reference)
 
 
+class Recorder:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
 def test_streamer_receives_every_token_once(pair):
     target, draft = pair
-
-    class Recorder:
-        def __init__(self):
-            self.chunks, self.ended = [], False
-
-        def put(self, value):
-            self.chunks.append(value.flatten().tolist())
-
-        def end(self):
-            self.ended = True
-
     recorder = Recorder()
     prompt = torch.tensor([[1, 40, 41, 42]])
     out = target.generate(prompt, do_sample=False, max_new_tokens=30, speculative_streamer=recorder, **speculative(draft, "rsd-s:w=3,d=3"))
@@ -131,6 +133,51 @@ def test_one_token_prompt_and_max_length(pair, method):
     assert torch.equal(out, reference)
 
 
+def test_a_prompt_longer_than_max_length_is_refused_as_generate_refuses_it(pair):
+    from hf_specdec.backends.hf import HFBackend
+    from hf_specdec.generation import decode
+
+    target, draft = pair
+    prompt = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46]])
+    with pytest.raises(ValueError, match="max_length"):
+        target.generate(prompt, do_sample=False, max_length=5, pad_token_id=0)
+    with pytest.raises(ValueError, match="increase max_length or, better, set max_new_tokens"):
+        decode(HFBackend(target, "target"), HFBackend(draft, "draft"), prompt,
+               GenerationConfig(do_sample=False, max_length=5), "rsd-c:b=2-1")
+
+
+def test_decode_without_a_length_generates_twenty_new_tokens_as_generate(pair):
+    from hf_specdec.backends.hf import HFBackend
+    from hf_specdec.generation import decode
+
+    target, draft = pair
+    prompt = torch.tensor([[1, 40, 41, 42] * 6])  # longer than generate's default max_length of 20
+    reference = target.generate(prompt, do_sample=False, pad_token_id=0)
+    result = decode(HFBackend(target, "target"), HFBackend(draft, "draft"), prompt,
+                    GenerationConfig(do_sample=False, pad_token_id=0), "rsd-c:b=2-1")
+    assert reference.shape[1] == prompt.shape[1] + 20 and torch.equal(result.sequences, reference)
+
+
+def test_decode_honours_renormalize_logits_and_max_time(pair):
+    from hf_specdec.backends.hf import HFBackend
+    from hf_specdec.generation import decode
+
+    target, draft = pair
+    backends = HFBackend(target, "target"), HFBackend(draft, "draft")
+    prompt = torch.tensor([[1, 40, 41, 42]])
+    options = dict(do_sample=False, max_new_tokens=12, pad_token_id=0, renormalize_logits=True, output_scores=True,
+                   return_dict_in_generate=True)
+    reference = target.generate(prompt, **options)
+    result = decode(*backends, prompt, GenerationConfig(**options), "rsd-c:b=2-1")
+    assert torch.equal(result.sequences, reference.sequences)
+    assert torch.allclose(torch.stack(result.scores), torch.stack(reference.scores), atol=1e-5)
+    assert torch.allclose(torch.stack(result.scores).exp().sum(-1), torch.ones(12, 1))  # normalised
+    # a time limit already spent: one token, as generate
+    reference = target.generate(prompt, do_sample=False, max_new_tokens=12, pad_token_id=0, max_time=1e-9)
+    result = decode(*backends, prompt, GenerationConfig(do_sample=False, max_new_tokens=12, max_time=1e-9), "rsd-c:b=2-1")
+    assert reference.shape[1] == 5 and torch.equal(result.sequences, reference)
+
+
 def test_auto_asks_the_planner_and_records_acceptance(pair, monkeypatch, tmp_path, free_loop):
     """`auto` asks the planner for a shape; with nothing recorded for the pair it explores a tree, and every run's
     block efficiency is recorded (greedy under temperature 0) for the next choice."""
@@ -168,7 +215,11 @@ def test_auto_runs_plain_generate_when_no_tree_pays(pair, monkeypatch, do_sample
     torch.manual_seed(3)
     reference = target.generate(prompt, do_sample=do_sample, max_new_tokens=20, pad_token_id=0)
     torch.manual_seed(3)
+    recorder = Recorder()
     out = target.generate(prompt, do_sample=do_sample, max_new_tokens=20, return_dict_in_generate=True,
-                          **speculative(draft, "auto"))
+                          speculative_streamer=recorder, **speculative(draft, "auto"))
     assert torch.equal(out.sequences, reference)
     assert out.speculative_stats.config.startswith("ar (plain generate")
+    # the streamer sees the prompt first, then each token, as with plain generate(streamer=...)
+    assert recorder.chunks[0] == prompt[0].tolist() and recorder.ended
+    assert sum(recorder.chunks[1:], []) == reference[0, 3:].tolist()

@@ -83,6 +83,15 @@ def test_longrope_crossing_the_switch_is_refused():
     with pytest.raises(ValueError, match="rope_type='longrope'.*original_max_position_embeddings=24.*max_new_tokens <= 25"):
         generate(target, inputs, 40, custom_generate=speculative_generate, draft_model=perturbed_copy(target, 0.05),
                  speculative_config="sd:l=2")
+    from transformers import GenerationConfig
+
+    from hf_specdec.backends.hf import HFBackend
+    from hf_specdec.generation import decode
+
+    with pytest.raises(ValueError, match="rope_type='longrope'"):  # outside generate too
+        decode(HFBackend(target), HFBackend(perturbed_copy(target, 0.05), "draft"), inputs["input_ids"],
+               GenerationConfig(do_sample=False, max_new_tokens=40, pad_token_id=0), "sd:l=2",
+               attention_mask=inputs["attention_mask"])
 
 
 def test_dynamic_rope_state_carries_over_calls_as_in_plain_generate():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 from transformers import DynamicCache
@@ -61,11 +62,36 @@ def sliding_windows(config) -> dict[str, int]:
     return {"sliding_attention": window} if "sliding_attention" in layer_types and window else {}
 
 
+def check_position_ids_taken(model, role: str) -> None:
+    """A tree's siblings share a position: a model that numbers positions by cache slot (its forward takes no
+    position_ids: RoFormer, TrOCR and the causal-LM halves of BART-style models) would give them consecutive ones."""
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        raise ValueError(
+            f"the {role} model ({type(model).__name__}) takes no position_ids: it numbers positions by cache slot, "
+            "which the branches of a draft tree do not follow, so speculative decoding would not reproduce its output; "
+            "use plain generate() with this model"
+        )
+
+
+def check_local_attention(model, role: str) -> None:
+    """GPT-Neo's local layers keep their window by cache slot inside their attention (`window_size`), not through a
+    mask the loop builds: tree slots would shift it."""
+    config = model.config.get_text_config()
+    if "local" in (getattr(config, "attention_layers", None) or []):
+        raise ValueError(
+            f"the {role} model ({type(model).__name__}) has local attention layers (window_size="
+            f"{getattr(config, 'window_size', None)}), applied by cache slot, which tree slots would shift; use plain "
+            "generate() with this model, or a config whose attention_types are all global"
+        )
+
+
 def check_runnable(model, role: str) -> None:
     """What the loop needs of a model, checked before its first forward: an error that names the fix, never a
     silently different output."""
     check_tree_attention(model, role)
     check_position_encoding(model, role)
+    check_position_ids_taken(model, role)
+    check_local_attention(model, role)
 
 
 @contextlib.contextmanager
