@@ -102,6 +102,11 @@ def _validate(model, draft_model, config: SpeculativeConfig, generation_config, 
     cache = user_cache(model_kwargs)
     if cache is not None and (getattr(cache, "_is_user_defined", False) or cache.get_seq_length() > 0):
         raise ValueError("speculative_generate builds its own caches; do not pass a KV cache (cache= / past_key_values=)")
+    if generation_config.cache_implementation == "quantized":
+        raise ValueError(
+            "cache_implementation='quantized' changes the target's numbers, and speculative_generate keeps full-precision "
+            "caches of its own; unset cache_implementation, or use plain generate() for a quantized cache"
+        )
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("speculative_generate needs input_ids, not inputs_embeds")
     _check_model_inputs(input_ids, model_kwargs)

@@ -224,6 +224,16 @@ def test_stop_criteria_without_eos_at_batch_above_one_are_refused(models):
     run(target, draft, prompt[:1], stopping_criteria=StoppingCriteriaList([AtLength()]), eos_token_id=None)  # batch 1
 
 
+def test_a_quantized_cache_is_refused(models, monkeypatch):
+    """generate would build a quantized cache (optimum-quanto, not installed here: its construction is stubbed)."""
+    import transformers.generation.utils as generation_utils
+
+    target, draft = models
+    monkeypatch.setattr(generation_utils.GenerationMixin, "_prepare_cache_for_generation", lambda *args, **kwargs: None)
+    with pytest.raises(ValueError, match="cache_implementation='quantized'.*unset cache_implementation"):
+        run(target, draft, cache_implementation="quantized")
+
+
 def test_right_padding(models):
     target, draft = models
     with pytest.raises(ValueError, match="padding_side='left'"):
