@@ -23,7 +23,7 @@ import copy
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -291,8 +291,10 @@ def train_draft(draft, teacher_head: torch.nn.Linear, data: TeacherData, options
     optimizer = torch.optim.AdamW(draft.parameters(), lr=options.lr, betas=(0.9, 0.95), weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, options))
     start_step = 0
-    if resume and checkpoint_path.exists():
-        start_step = _load_checkpoint(checkpoint_path, draft, optimizer, schedule)
+    if resume:
+        if not checkpoint_path.exists():
+            raise ValueError(f"nothing to resume: no checkpoint at {checkpoint_path}; drop --resume to start a run")
+        start_step = _load_checkpoint(checkpoint_path, draft, optimizer, schedule, options)
     batches = batch_stream(data.lengths(), options.batch_tokens, options.seed, start_step)
     is_feature = reads_target_features(draft)
     progress = tqdm(range(start_step, options.steps), desc="distilling", unit="step", initial=start_step,
@@ -315,7 +317,7 @@ def train_draft(draft, teacher_head: torch.nn.Linear, data: TeacherData, options
         mean = [sum(r[k] for r in recent) / len(recent) for k in range(len(per_step))]
         progress.set_postfix(kl="/".join(f"{m:.3f}" for m in mean), lr=f"{schedule.get_last_lr()[0]:.2e}")
         if (step + 1) % options.checkpoint_every == 0 or step + 1 == options.steps:
-            _save_checkpoint(checkpoint_path, step + 1, draft, optimizer, schedule)
+            _save_checkpoint(checkpoint_path, step + 1, draft, optimizer, schedule, options)
     return draft.eval()
 
 
@@ -327,9 +329,15 @@ def _lr_factor(step: int, options: TrainingOptions) -> float:
     return options.final_lr_fraction + (1 - options.final_lr_fraction) * cosine
 
 
-def _save_checkpoint(path: Path, step: int, draft, optimizer, schedule) -> None:
+# what a resumed run must share with the one it continues (`steps` may grow: a warm restart)
+def _recipe(options: TrainingOptions) -> dict:
+    return {k: v for k, v in asdict(options).items() if k not in ("steps", "checkpoint_every")}
+
+
+def _save_checkpoint(path: Path, step: int, draft, optimizer, schedule, options: TrainingOptions) -> None:
     state = {
         "step": step,
+        "options": _recipe(options),
         "draft_config": draft.config.to_dict(),
         "draft": draft.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -340,8 +348,19 @@ def _save_checkpoint(path: Path, step: int, draft, optimizer, schedule) -> None:
     staging.replace(path)
 
 
-def _load_checkpoint(path: Path, draft, optimizer, schedule) -> int:
+def _load_checkpoint(path: Path, draft, optimizer, schedule, options: TrainingOptions) -> int:
+    """Restore a run, refusing options that would silently not apply (the restored schedule keeps its learning rate;
+    another batch size or seed replays another data order) and a total that ends before the checkpoint."""
     state = torch.load(path)
+    # checkpoints before the recipe was saved: the learning rate is in the schedule
+    saved = state.get("options", {"lr": state["schedule"]["base_lrs"][0]})
+    changed = {k: (v, _recipe(options)[k]) for k, v in saved.items() if _recipe(options)[k] != v}
+    if changed:
+        listed = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+        raise ValueError(f"{path} was trained with {listed}: resume with the same options, or start a run in "
+                         "another --out")
+    if options.steps < state["step"]:
+        raise ValueError(f"{path} is at step {state['step']}: pass --steps {state['step']} or more to resume it")
     draft.load_state_dict(state["draft"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])

@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hf_specdec.data import train_conversations
+from hf_specdec.planner.storage import weights_fingerprint
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -114,6 +115,8 @@ def _recipe(target, tokenizer, max_tokens: int, positions: int, shard_positions:
     return {
         "format": FORMAT_VERSION,
         "target_config": {k: getattr(config, k, None) for k in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")},
+        # one config, other weights (a base model and its instruct tune): other teacher data
+        "target_weights": weights_fingerprint(target, with_name=False),
         "tokenizer_vocab": len(tokenizer),
         "max_tokens": max_tokens,
         "positions": positions,
@@ -165,6 +168,12 @@ def _check_recipe(out_dir: Path, recipe: dict) -> None:
     manifest_path = out_dir / MANIFEST
     if manifest_path.exists():
         saved = json.loads(manifest_path.read_text())
+        if "target_weights" not in saved["recipe"]:
+            raise ValueError(
+                f"{out_dir} holds teacher data that does not say which target's weights wrote it; if this target did, "
+                f"add \"target_weights\": \"{recipe['target_weights']}\" to the recipe in {manifest_path}, else use "
+                "another directory"
+            )
         if saved["recipe"] != recipe:
             raise ValueError(
                 f"{out_dir} holds teacher data made with another recipe ({saved['recipe']}): use another directory"

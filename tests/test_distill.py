@@ -3,6 +3,8 @@ measurement, on a tiny random Llama with a word-level chat template."""
 
 import json
 
+from dataclasses import replace
+
 import pytest
 import torch
 from draft_fixtures import VOCAB_SIZE, tiny_target
@@ -69,6 +71,13 @@ def test_teacher_data_resumes_and_refuses_another_recipe(target, chats, teacher_
     assert (tmp_path / shards[1]).read_bytes() == saved and len(again) == len(first)
     with pytest.raises(ValueError, match="another recipe"):
         build(target, chats, tmp_path, positions=500)
+    with pytest.raises(ValueError, match="another recipe"):  # same config, other weights
+        build(tiny_target(seed=1), chats, tmp_path)
+    manifest = json.loads((tmp_path / teacher.MANIFEST).read_text())  # data written before the weights were recorded
+    del manifest["recipe"]["target_weights"]
+    (tmp_path / teacher.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="does not say which target's weights wrote it.*add \"target_weights\""):
+        build(target, chats, tmp_path)
 
 
 def test_kept_tokens_are_the_most_probable_plus_specials(target, teacher_data):
@@ -153,6 +162,14 @@ def test_training_lowers_the_kl_and_resumes_where_it_stopped(draft_type, target,
     monkeypatch.setattr(distill, "_save_checkpoint", save_checkpoint)
     resumed = distill.draft_from_checkpoint(tmp_path / "resumed.pt")
     assert type(resumed) is type(straight)
+    # options that would not apply to the resumed run are refused, not ignored
+    for changed, message in [(dict(lr=1e-3), "lr=0.003 \\(now 0.001\\)"), (dict(seed=1), "seed=0"),
+                             (dict(batch_tokens=200), "batch_tokens=160"), (dict(steps=2), "pass --steps 3 or more")]:
+        with pytest.raises(ValueError, match=message):
+            distill.train_draft(distill.draft_from_checkpoint(tmp_path / "resumed.pt"), teacher_head, teacher_data,
+                                replace(options, **changed), tmp_path / "resumed.pt", True)
+    with pytest.raises(ValueError, match="no checkpoint at"):
+        distill.train_draft(fresh_draft(), teacher_head, teacher_data, options, tmp_path / "absent.pt", True)
     distill.train_draft(resumed, teacher_head, teacher_data, options, tmp_path / "resumed.pt", True)
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

@@ -18,11 +18,12 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_") or "unnamed"
 
 
-def weights_fingerprint(model) -> str:
-    """A short hash of a model's identity and a few of its weights: two checkpoints of one config differ here."""
+def weights_fingerprint(model, with_name: bool = True) -> str:
+    """A short hash of a model's identity (`with_name`: the path or id it was loaded from) and a few of its weights:
+    two checkpoints of one config differ here."""
     import torch
 
-    digest = hashlib.sha1(str(getattr(model.config, "_name_or_path", "")).encode())
+    digest = hashlib.sha1(str(getattr(model.config, "_name_or_path", "") if with_name else "").encode())
     params = list(model.parameters())
     for tensor in (params[0], params[-1]):
         local = tensor.to_local() if hasattr(tensor, "to_local") else tensor  # a tensor-parallel shard: this rank's
