@@ -383,6 +383,21 @@ def draft_from_checkpoint(path: Path):
     return draft
 
 
+def check_resumed_draft(draft, draft_type: str, layers: int, vocab_size: int, oov_rank: int) -> None:
+    """A resumed run trains the checkpoint's draft: options that describe another draft are refused, not ignored."""
+    config = draft.config
+    described = {
+        "--draft-type": ("feature" if reads_target_features(draft) else "standalone", draft_type),
+        "--layers (count)": (config.num_hidden_layers, layers),
+        "--vocab-size": (len(config.kept_token_ids), vocab_size),
+        "--oov-rank": (config.oov_embedding_rank, oov_rank),
+    }
+    changed = [f"{option} {saved} (given {given})" for option, (saved, given) in described.items() if saved != given]
+    if changed:
+        raise ValueError(f"the checkpoint's draft has {', '.join(changed)}: resume with its options, or start a run "
+                         "in another --out")
+
+
 def save_draft(draft, out_dir: Path) -> None:
     """The shipped format: HF `save_pretrained` (config.json, generation_config.json, model.safetensors).
 

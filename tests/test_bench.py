@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import re
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +15,10 @@ from tiny_models import character_tokenizer, perturbed_copy, tiny_model, word_to
 
 from hf_specdec.bench import Bench, config_for_budget, relate_to_plain, settings_for
 from hf_specdec.config import SpeculativeConfig
-from hf_specdec.cli.bench import format_table, plot_grid, write_csv, write_json
+from hf_specdec.cli import build_parser
+from hf_specdec.cli import main as cli_main
+from hf_specdec.cli.bench import format_table, load_export, plot_grid, resolve_defaults, write_csv, write_json
+from hf_specdec.export.manifest import MANIFEST_FILE
 
 KEYS = {"method", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s", "speedup", "accuracy"}
 
@@ -135,3 +141,51 @@ def test_step_overhead_table(tmp_path):
     assert {(r["batch"], r["tree_size"]) for r in records} == {(b, t) for b in (1, 2) for t in (0, 4, 16, 32)}
     for record in records:
         assert record["steps"] > 0 and record["forward_ms_per_step"] > 0 and math.isfinite(record["overhead_ms_per_step"])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--methods", "ar,bogus"], "unknown --methods bogus"),
+    (["--backends", "pytorch,tpu"], "unknown --backends tpu"),
+    (["--budgets", "7"], "no spectr shape for budget 7"),
+    (["--backends", "onnxruntime", "--model-dir", "d", "--methods", "ar,sd,auto"], "run none of --methods auto"),
+    (["--backends", "llama.cpp", "--methods", "ar,sd"], "run none of --methods sd"),
+    (["--target", "t", "--draft", "d", "--draft-kinds", "feature"], "--draft-kinds picks embedded drafts"),
+    (["--model-dir", "d"], "--model-dir is for --backends onnxruntime"),
+    (["--quantize", "int4"], "--quantize is for --backends onnxruntime"),
+    (["--gguf", "x.gguf"], "--gguf is for --backends llama.cpp or --quantize"),
+    (["--methods", "ar,sd", "--assistant", "a"], "--assistant is for --methods hf-assisted"),
+    (["--methods", "ar,sd", "--assistant-tokens", "3"], "--assistant-tokens is for --methods hf-assisted"),
+    (["--backends", "pytorch,onnxruntime", "--model-dir", "d", "--quantize", "int4", "--gguf", "missing.gguf"],
+     "--gguf missing.gguf: no such file"),
+    (["--overhead", "--prompts", "3", "--seed", "0", "--csv", "x.csv"], "would ignore --prompts, --seed, --csv"),
+    (["--overhead", "--max-new-tokens", "64"], "at most 32 new tokens"),
+    (["--vocabs", "512", "--device", "cpu"], "only --overhead reads --vocabs, --device"),
+])
+def test_command_line_refuses_what_it_would_not_run_or_would_ignore(arguments, message):
+    """Each refusal comes before any model loads (a traceback or a load would fail differently)."""
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cli_main(["bench", *arguments])
+
+
+def test_quick_sizes_never_override_explicit_ones():
+    """`--quick --prompts 10`: 10 prompts, although 10 is also the full run's default."""
+    args = build_parser().parse_args(["bench", "--quick", "--prompts", "10", "--budgets", "6,10,14,21,30"])
+    resolve_defaults(args)
+    assert (args.prompts, args.max_new_tokens, args.budgets) == (10, 64, [6, 10, 14, 21, 30])
+    args = build_parser().parse_args(["bench"])
+    resolve_defaults(args)
+    assert (args.prompts, args.max_new_tokens, args.budgets, args.backends) == (10, 128, [6, 10, 14, 21, 30], ["pytorch"])
+
+
+def test_onnxruntime_rows_refuse_an_export_of_another_draft_kind(tmp_path, monkeypatch):
+    """An export in --model-dir with a feature draft is not timed as the standalone draft's rows, nor the other way."""
+    (tmp_path / MANIFEST_FILE).write_text("{}")  # an export is there: none is made
+    manifest = SimpleNamespace(target=SimpleNamespace(quantization=None), draft=SimpleNamespace(reads_features=True))
+    monkeypatch.setattr("hf_specdec.export.ort_backend.load_onnxruntime_pair",
+                        lambda model_dir: SimpleNamespace(manifest=manifest))
+    args = argparse.Namespace(model_dir=tmp_path, quantize="none", target=None, draft=None, gguf=None)
+    feature_draft = SimpleNamespace(reads_target_features=True)
+    assert load_export(args, None, feature_draft, None).manifest is manifest
+    with pytest.raises(SystemExit, match="holds an export with a feature draft but the onnxruntime rows run a "
+                                         "standalone draft: give --model-dir another directory"):
+        load_export(args, None, SimpleNamespace(), None)

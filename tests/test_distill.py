@@ -2,6 +2,7 @@
 measurement, on a tiny random Llama with a word-level chat template."""
 
 import json
+import re
 
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from hf_specdec import data, distill, draft_quality, teacher
 from hf_specdec.cli import build_parser
+from hf_specdec.cli import main as cli_main
 from hf_specdec.draft_model import ReducedVocabLlamaForCausalLM
 
 KEPT = [0, 1, 2] + list(range(3, VOCAB_SIZE, 2))  # special tokens + every other word
@@ -175,6 +177,18 @@ def test_training_lowers_the_kl_and_resumes_where_it_stopped(draft_type, target,
         torch.testing.assert_close(a, b, msg=name)
 
 
+def test_a_resumed_draft_refuses_options_that_describe_another(target):
+    feature = distill.init_feature_draft(target, KEPT, 1, oov_rank=4)
+    distill.check_resumed_draft(feature, "feature", 1, len(KEPT), 4)
+    for given, message in [(("standalone", 1, len(KEPT), 4), "--draft-type feature \\(given standalone\\)"),
+                           (("feature", 2, len(KEPT), 4), "--layers \\(count\\) 1 \\(given 2\\)"),
+                           (("feature", 1, 99, 4), "--vocab-size"), (("feature", 1, len(KEPT), 32), "--oov-rank 4")]:
+        with pytest.raises(ValueError, match=message):
+            distill.check_resumed_draft(feature, *given)
+    standalone = distill.init_standalone_draft(target, KEPT, [0, 2], oov_rank=4)
+    distill.check_resumed_draft(standalone, "standalone", 2, len(KEPT), 4)
+
+
 def test_saved_standalone_draft_loads_as_a_full_vocabulary_causal_lm(target, tmp_path):
     draft = distill.init_standalone_draft(target, KEPT, [1], oov_rank=4).eval()
     distill.save_draft(draft, tmp_path)
@@ -197,6 +211,18 @@ def test_cli_distill_help_lists_the_options():
     for option in ("--target", "--draft-type", "--teacher-dir", "--positions", "--steps", "--lr", "--batch-tokens",
                    "--unroll", "--out", "--seed", "--resume", "--fit-logit-scale", "--scale-prompts"):
         assert option in help_text
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--evaluate", "a", "--fit-logit-scale", "b"], "--evaluate and --fit-logit-scale each run alone"),
+    (["--steps", "0"], "--steps must be positive (got 0)"),
+    (["--lr", "0"], "--lr must be positive (got 0.0)"),
+    (["--batch-tokens", "-8"], "--batch-tokens must be positive (got -8)"),
+])
+def test_cli_distill_refusals(arguments, message):
+    """Refused before the target loads, rather than one option dropped or a 0 replaced by the default."""
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cli_main(["distill", *arguments])
 
 
 def test_sharegpt_split_is_disjoint_fixed_and_about_ten_percent_held_out():

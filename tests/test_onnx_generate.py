@@ -3,6 +3,8 @@ applied as generate applies them, and the command line end to end."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from onnx_fixtures import export_tiny_pair, tiny_pair
@@ -92,6 +94,21 @@ def test_command_line_generate(tmp_path_factory, capsys):
 def test_command_line_needs_a_model_dir():
     with pytest.raises(SystemExit, match="--model-dir DIR: create one with `hf-specdec export --out DIR`"):
         cli_main(["generate", "--backend", "onnxruntime", "hello"])
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--greedy", "--temperature", "0.5"], "--greedy does not sample, so --temperature would be ignored"),
+    (["--greedy", "--top-k", "5", "--top-p", "0.9"], "--greedy does not sample, so --top-k, --top-p would be ignored"),
+    (["--target", "t", "--draft", "d", "--draft-kind", "standalone"], "--draft-kind picks an embedded draft"),
+    (["--backend", "onnxruntime", "--model-dir", "d", "--draft-kind", "feature"],
+     "--target/--draft/--draft-kind pick PyTorch models"),
+    (["--target", "t"], "add --draft DIR, or use --config ar"),
+    (["--target", "t", "--config", "sd:l=4"], "add --draft DIR, or use --config ar"),
+])
+def test_command_line_refusals(arguments, message):
+    """Refused before any model loads, instead of an option silently dropped or a traceback from generate()."""
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        cli_main(["generate", *arguments, "hello"])
 
 
 def test_export_command_reads_every_option_the_model_loader_needs(monkeypatch):

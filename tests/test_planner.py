@@ -295,6 +295,8 @@ def test_simulate_cli_configs_with_draft(tmp_path, capsys):
     (["--acceptance", "missing.json"], "cannot read acceptance file"),
     (["--configs", "sd:l=x"], "cannot parse speculative_config"),
     (["--measure", "--hardware", "h200"], "--measure times this machine"),
+    (["--temperature", "1"], "--acceptance medusa has none: drop --temperature"),
+    (["--validate", "--device", "cuda"], "only --measure reads --validate and --device"),
 ])
 def test_simulate_cli_bad_input(argv, message, capsys):
     from hf_specdec.cli import main

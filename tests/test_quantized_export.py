@@ -189,6 +189,11 @@ def test_default_accuracy_levels():
     (["--gguf", "x.gguf"], "apply to a quantized export"),
     (["--quantize-head", "int4"], "apply to a quantized export"),
     (["--accuracy-level", "4"], "apply to a quantized export"),
+    (["--tensorrt", "--engines-only", "--max-batch", "8", "--config", "ar"], "so --max-batch, --config would be ignored"),
+    (["--tensorrt", "--engines-only", "--target", "t", "--draft", "d", "--draft-kind", "feature"],
+     "so --target, --draft, --draft-kind would be ignored"),
+    (["--compute-capability", "SM89"], "--compute-capability picks the GPUs TensorRT engines are built for: add --tensorrt"),
+    (["--target", "t", "--draft", "d", "--draft-kind", "standalone"], "--draft-kind picks an embedded draft"),
 ])
 def test_command_line_refusals(tmp_path, arguments, message):
     with pytest.raises(SystemExit, match=message):

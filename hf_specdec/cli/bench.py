@@ -14,9 +14,29 @@ def _csv_list(kind):
     return lambda text: [kind(item) for item in text.split(",") if item]
 
 
-# the full run's sizes, and --quick's (where the user set none of them)
-FULL = {"prompts": 10, "max_new_tokens": 128, "budgets": [6, 10, 14, 21, 30]}
-QUICK = {"prompts": 3, "max_new_tokens": 64, "budgets": [6]}
+def _listed(values) -> str:
+    return ",".join(map(str, values))
+
+
+def _flags(names) -> str:
+    """Option names as the user writes them: max_new_tokens -> --max-new-tokens."""
+    return ", ".join("--" + name.replace("_", "-") for name in names)
+
+
+# Every option defaults to None (False for flags) in the parser and gets its default after parsing
+# (`resolve_defaults`), so a value the user gave is never taken for a default: --quick's sizes never override one, and
+# an option this run would ignore is refused only where the user gave it.
+FULL = {"prompts": 10, "max_new_tokens": 128, "budgets": [6, 10, 14, 21, 30]}  # the full run's sizes
+QUICK = {"prompts": 3, "max_new_tokens": 64, "budgets": [6]}  # --quick's
+DEFAULTS = {"draft_kinds": ["feature"], "backends": ["pytorch"], "quantize": "none",
+            "methods": ["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto"],
+            "temperatures": [1.0, 0.0], "max_prompt_tokens": 256, "seed": 0}
+# --overhead's options (it reads these, --max-new-tokens and the output paths --json, --out), and its defaults
+OVERHEAD = {"batches": [1, 4, 16], "vocabs": [49152, 128256], "device": "cpu"}
+OVERHEAD_MAX_NEW_TOKENS = 32  # its trees' decoding length: the default and the most it takes
+# the methods that run on the PyTorch models only (on other backends "ar" already runs through the loop; the planner
+# and HF assisted generation need the PyTorch models)
+PYTORCH_METHODS = ("ar-loop", "auto", "hf-assisted")
 
 
 def add_parser(subparsers) -> None:
@@ -30,34 +50,40 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--target", help="target model (HF id or dir); default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--draft", help="draft model (HF id or dir); default: the embedded distilled drafts")
-    parser.add_argument("--draft-kinds", type=_csv_list(str), default=["feature"],
-                        help="embedded pair: which drafts the speculative methods run with (feature, standalone)")
-    parser.add_argument("--assistant", help="HF assisted generation's draft (HF id or dir of an ordinary causal LM); "
-                        "default: the embedded standalone draft, or --draft if it is one")
-    parser.add_argument("--backends", type=_csv_list(str), default=["pytorch"],
-                        help="pytorch, onnxruntime (the same pair exported to --model-dir; exported there first "
-                        "if the directory has no export) and/or llama.cpp (plain decoding of the target's GGUF, --gguf, "
-                        "through llama-cpp-python: its rows are skipped, with how to install it, where it is absent)")
-    parser.add_argument("--quantize", choices=("none", "int8", "int4"), default="none",
+    parser.add_argument("--draft-kinds", type=_csv_list(str),
+                        help="embedded pair (not with --target): which drafts the speculative methods run with "
+                        "(feature, standalone; default: feature)")
+    parser.add_argument("--assistant", help="with the hf-assisted method: its draft (HF id or dir of an ordinary causal "
+                        "LM); default: the embedded standalone draft, or --draft if it is one")
+    parser.add_argument("--backends", type=_csv_list(str),
+                        help="pytorch (the default), onnxruntime (the same pair exported to --model-dir; exported there "
+                        "first if the directory has no export) and/or llama.cpp (plain decoding of the target's GGUF, "
+                        "--gguf, through llama-cpp-python: its rows are skipped, with how to install it, where it is "
+                        "absent)")
+    parser.add_argument("--quantize", choices=("none", "int8", "int4"),
                         help="the onnxruntime rows run an export with block-quantized weights (`hf-specdec export "
                         "--quantize`): --model-dir must hold one (made there if absent); default none: float")
     parser.add_argument("--gguf", type=Path,
                         help="the target's GGUF file, for the llama.cpp rows (and the weights of an export made with "
                         "--quantize); default: the packaged SmolLM2 Q4_1 GGUF for the embedded target")
     parser.add_argument("--model-dir", type=Path, help="ONNX export of the pair for --backends onnxruntime")
-    parser.add_argument("--methods", type=_csv_list(str), default=["ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto"],
+    parser.add_argument("--methods", type=_csv_list(str),
                         help="ar (plain generate), ar-loop (plain decoding through hf_specdec's loop and kernels), "
                         "auto (the planner's pick, which learns from the runs before it), "
-                        "hf-assisted, sd, spectr, rsd-c, rsd-s")
-    parser.add_argument("--budgets", type=_csv_list(int), default=FULL["budgets"], help="draft tokens the target scores per step")
+                        "hf-assisted, sd, spectr, rsd-c, rsd-s (default: all; ar-loop, auto and hf-assisted run on "
+                        "the pytorch backend only)")
+    parser.add_argument("--budgets", type=_csv_list(int),
+                        help=f"draft tokens the target scores per step (default {_listed(FULL['budgets'])})")
     parser.add_argument("--assistant-tokens", type=_csv_list(int),
-                        help="HF assisted generation's num_assistant_tokens to sweep (default 1-8; --quick: 3), besides "
-                        "its own defaults")
-    parser.add_argument("--temperatures", type=_csv_list(float), default=[1.0, 0.0], help="0 = greedy")
-    parser.add_argument("--prompts", type=int, default=FULL["prompts"], help="held-out prompts")
-    parser.add_argument("--max-new-tokens", type=int, default=FULL["max_new_tokens"])
-    parser.add_argument("--max-prompt-tokens", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
+                        help="with the hf-assisted method: the num_assistant_tokens to sweep (default 1-8; --quick: "
+                        "3), besides its own defaults")
+    parser.add_argument("--temperatures", type=_csv_list(float), help="0 = greedy (default 1,0)")
+    parser.add_argument("--prompts", type=int, help=f"held-out prompts (default {FULL['prompts']})")
+    parser.add_argument("--max-new-tokens", type=int,
+                        help=f"default {FULL['max_new_tokens']}; with --overhead: at most {OVERHEAD_MAX_NEW_TOKENS}, "
+                        "the default")
+    parser.add_argument("--max-prompt-tokens", type=int, help=f"default {DEFAULTS['max_prompt_tokens']}")
+    parser.add_argument("--seed", type=int, help="default 0")
     parser.add_argument("--json", type=Path, help="write the records (DESIGN §8 keys) to this file")
     parser.add_argument("--csv", type=Path, help="write the table as CSV")
     parser.add_argument("--plot", type=Path, help="write the PNG grid (block efficiency, MBSU, token rate, accuracy vs budget)")
@@ -68,10 +94,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--overhead", action="store_true",
                         help="instead: the step overhead (ms per step outside the models' forwards) with near-free "
                         "models (1 layer, hidden 64), by vocabulary, batch and tree size, against HF generate's per "
-                        "token; --batches, --vocabs, --device")
-    parser.add_argument("--batches", type=_csv_list(int), default=[1, 4, 16], help="with --overhead")
-    parser.add_argument("--vocabs", type=_csv_list(int), default=[49152, 128256], help="with --overhead")
-    parser.add_argument("--device", default="cpu", help="with --overhead: cpu or cuda")
+                        "token; it reads --batches, --vocabs, --device, --max-new-tokens, --json and --out only")
+    for name in ("batches", "vocabs"):
+        parser.add_argument(f"--{name}", type=_csv_list(int), help=f"with --overhead (default {_listed(OVERHEAD[name])})")
+    parser.add_argument("--device", help="with --overhead: cpu (the default) or cuda")
 
 
 COLUMNS = ("backend", "weights", "method", "draft", "config", "budget", "temperature", "block_efficiency", "mbsu", "tokens_per_s",
@@ -193,6 +219,7 @@ def load_export(args, target, draft, tokenizer):
     from hf_specdec.export.manifest import MANIFEST_FILE
     from hf_specdec.export.onnx_export import export_pair
     from hf_specdec.export.ort_backend import load_onnxruntime_pair
+    from hf_specdec.feature_draft import reads_target_features
 
     if args.model_dir is None:
         raise SystemExit("--backends onnxruntime needs --model-dir DIR (an export of the same pair, made there if absent)")
@@ -200,8 +227,7 @@ def load_export(args, target, draft, tokenizer):
     if args.quantize != "none":
         from hf_specdec.export.quantize import QuantizationSpec
 
-        gguf = target_gguf(args)
-        quantization = QuantizationSpec.from_options(args.quantize, gguf=gguf if gguf and gguf.is_file() else None)
+        quantization = QuantizationSpec.from_options(args.quantize, gguf=target_gguf(args))
     if not (args.model_dir / MANIFEST_FILE).is_file():
         print(f"exporting the pair to {args.model_dir} ...", file=sys.stderr)
         default_pair = "hf_specdec.models.load_default_pair()"
@@ -215,6 +241,12 @@ def load_export(args, target, draft, tokenizer):
         raise SystemExit(f"{args.model_dir} holds {holds} export but --quantize is {args.quantize}: give --model-dir "
                          f"another directory (exported there if absent), or `hf-specdec export --quantize "
                          f"{args.quantize} --out DIR` first")
+    kinds = {True: "feature", False: "standalone"}
+    found, asked = kinds[pair.manifest.draft.reads_features], kinds[reads_target_features(draft)]
+    if found != asked:
+        raise SystemExit(f"{args.model_dir} holds an export with a {found} draft but the onnxruntime rows run a {asked} "
+                         "draft: give --model-dir another directory (the pair is exported there if absent), or export "
+                         f"the {asked} pair with `hf-specdec export --out DIR` first")
     return pair
 
 
@@ -262,7 +294,7 @@ def run_overhead(args: argparse.Namespace) -> int:
 
     from hf_specdec.overhead import format_overhead, step_overhead
 
-    records = step_overhead(vocabs=args.vocabs, batches=args.batches, new_tokens=min(args.max_new_tokens, 32),
+    records = step_overhead(vocabs=args.vocabs, batches=args.batches, new_tokens=args.max_new_tokens,
                             device=args.device, progress=lambda line: print(line, file=sys.stderr, flush=True))
     print(format_overhead(records))
     path = args.json or (args.out / "overhead.json" if args.out else None)
@@ -272,9 +304,84 @@ def run_overhead(args: argparse.Namespace) -> int:
     return 0
 
 
+def given_options(args: argparse.Namespace) -> list[str]:
+    """The options the user gave (as dests), read before `resolve_defaults` fills in the others."""
+    return [name for name, value in vars(args).items()
+            if name not in ("command", "overhead") and value is not None and value is not False]
+
+
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """Fill in the defaults of the options the user did not give (None); --quick's sizes where it is given."""
+    sizes = QUICK if args.quick else FULL
+    if args.overhead:
+        sizes = {**sizes, "max_new_tokens": OVERHEAD_MAX_NEW_TOKENS}
+    for name, value in {**DEFAULTS, **OVERHEAD, **sizes}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def check_overhead_options(args: argparse.Namespace, given: list[str]) -> None:
+    """--overhead reads its own options only, and the bench none of them."""
+    if not args.overhead:
+        unused = [name for name in given if name in OVERHEAD]
+        if unused:
+            raise SystemExit(f"only --overhead reads {_flags(unused)}: add --overhead, or leave out {_flags(unused)}")
+        return
+    unused = [name for name in given if name not in (*OVERHEAD, "max_new_tokens", "json", "out")]
+    if unused:
+        raise SystemExit(f"--overhead times near-free models and would ignore {_flags(unused)}: drop them, or drop "
+                         "--overhead")
+    if args.max_new_tokens is not None and args.max_new_tokens > OVERHEAD_MAX_NEW_TOKENS:
+        raise SystemExit(f"--overhead decodes at most {OVERHEAD_MAX_NEW_TOKENS} new tokens per run: give "
+                         f"--max-new-tokens {OVERHEAD_MAX_NEW_TOKENS} or less")
+
+
+def check_bench_options(args: argparse.Namespace, given: list[str]) -> None:
+    """Refuse, before any model loads, what the bench cannot run and every option given that it would ignore."""
+    from hf_specdec.bench import BACKENDS, METHODS, config_for_budget
+
+    for flag, values, known in (("--methods", args.methods, METHODS), ("--backends", args.backends, BACKENDS)):
+        unknown = [value for value in values if value not in known]
+        if unknown:
+            raise SystemExit(f"unknown {flag} {_listed(unknown)}; expected some of {_listed(known)}")
+    tree_methods = [method for method in args.methods if method not in ("ar", *PYTORCH_METHODS)]
+    for method in tree_methods:
+        for budget in args.budgets:
+            try:
+                config_for_budget(method, budget)
+            except ValueError as error:
+                raise SystemExit(f"--budgets: {error}") from None
+    runs = {"pytorch": METHODS, "onnxruntime": ("ar", *tree_methods), "llama.cpp": ("ar",)}
+    unrun = [method for method in args.methods if not any(method in runs[backend] for backend in args.backends)]
+    if unrun:
+        raise SystemExit(f"--backends {_listed(args.backends)} run none of --methods {_listed(unrun)} (ar-loop, auto "
+                         "and hf-assisted run on pytorch only, llama.cpp runs ar only): add pytorch to --backends, or "
+                         "drop them from --methods")
+    if args.target is not None and "draft_kinds" in given:
+        raise SystemExit("--draft-kinds picks embedded drafts, which run with the embedded target only: drop it "
+                         "(--draft is the draft for --target)")
+    used_by = {  # option -> (what reads it, whether this run has that)
+        "model_dir": ("--backends onnxruntime", "onnxruntime" in args.backends),
+        "quantize": ("--backends onnxruntime", "onnxruntime" in args.backends),
+        "gguf": ("--backends llama.cpp or --quantize", "llama.cpp" in args.backends or args.quantize != "none"),
+        "assistant": ("--methods hf-assisted", "hf-assisted" in args.methods),
+        "assistant_tokens": ("--methods hf-assisted", "hf-assisted" in args.methods),
+    }
+    for name in given:
+        if name in used_by and not used_by[name][1]:
+            raise SystemExit(f"{_flags([name])} is for {used_by[name][0]}, which this run lacks: add that, or drop "
+                             f"{_flags([name])}")
+    if args.gguf is not None and not args.gguf.is_file():
+        raise SystemExit(f"--gguf {args.gguf}: no such file")
+
+
 def run(args: argparse.Namespace) -> int:
+    given = given_options(args)
+    check_overhead_options(args, given)
+    resolve_defaults(args)
     if args.overhead:
         return run_overhead(args)
+    check_bench_options(args, given)
     from tqdm import tqdm
 
     from hf_specdec.bench import ASSISTED_TOKENS, Bench, relate_to_plain, settings_for
@@ -282,9 +389,6 @@ def run(args: argparse.Namespace) -> int:
 
     assisted_tokens = ASSISTED_TOKENS
     if args.quick:
-        for name, value in QUICK.items():
-            if getattr(args, name) == FULL[name]:  # an option the user did not set
-                setattr(args, name, value)
         assisted_tokens = (3,)
     if args.assistant_tokens:
         assisted_tokens = tuple(args.assistant_tokens)

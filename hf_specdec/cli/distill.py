@@ -37,7 +37,8 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--draft-type", choices=("feature", "standalone"), default="feature")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output directory")
-    parser.add_argument("--evaluate", metavar="DRAFT_DIR", help="only measure an existing draft against the target")
+    parser.add_argument("--evaluate", metavar="DRAFT_DIR",
+                        help="only measure an existing draft against the target (not with --fit-logit-scale)")
     parser.add_argument("--fit-logit-scale", metavar="DRAFT_DIR",
                         help="only fit an existing draft's logit scale (as training ends with) and write it to its "
                         "config.json")
@@ -86,6 +87,12 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
+    if args.evaluate and args.fit_logit_scale:
+        raise SystemExit("--evaluate and --fit-logit-scale each run alone: run one, then the other")
+    # None takes the draft type's default (`or` below), which would silently replace a 0 too
+    for flag, value in (("--steps", args.steps), ("--batch-tokens", args.batch_tokens), ("--lr", args.lr)):
+        if value is not None and value <= 0:
+            raise SystemExit(f"{flag} must be positive (got {value}); leave it out for the default")
     import torch
 
     from hf_specdec import distill
@@ -116,15 +123,19 @@ def run(args) -> int:
     checkpoint = out / "checkpoint.pt"
     if checkpoint.exists() and not args.resume:
         raise SystemExit(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    if args.resume and not checkpoint.exists():
+        raise SystemExit(f"--resume: no checkpoint at {checkpoint}; drop --resume to start a run there")
+    if args.resume:  # before the teacher data: the checkpoint's draft, refusing options that describe another
+        draft = distill.draft_from_checkpoint(checkpoint)
+        layer_count = int(layers) if args.draft_type == "feature" else len(layers.split(","))
+        distill.check_resumed_draft(draft, args.draft_type, layer_count, args.vocab_size, args.oov_rank)
     data = build_teacher_data(target, tokenizer, Path(args.teacher_dir), args.positions, args.max_tokens)
     if args.generated_prompts:
         generated = build_generated_teacher_data(target, tokenizer, Path(f"{args.teacher_dir}-generated"),
                                                  args.generated_prompts, args.generated_new_tokens, seed=args.seed)
         for _ in range(args.generated_repeats):
             data = data + generated
-    if args.resume and checkpoint.exists():
-        draft = distill.draft_from_checkpoint(checkpoint)
-    else:
+    if not args.resume:
         kept = distill.choose_kept_tokens(data, target.get_output_embeddings(), args.vocab_size,
                                           always_keep=tokenizer.all_special_ids)
         if args.draft_type == "feature":

@@ -35,11 +35,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--draft", help="draft model: HF id or directory, standalone or feature-conditioned (required with --target)"
     )
-    parser.add_argument("--draft-kind", choices=("feature", "standalone"), default="feature",
-                        help="which embedded draft to export with the embedded target (default: feature)")
-    parser.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help=f"largest batch (default {DEFAULT_MAX_BATCH})")
+    parser.add_argument("--draft-kind", choices=("feature", "standalone"),
+                        help="which embedded draft to export with the embedded target (default: feature; not with "
+                        "--target)")
+    # the export's options default to None (export_pair's defaults apply), so --engines-only can refuse each one given
+    parser.add_argument("--max-batch", type=int, help=f"largest batch (default {DEFAULT_MAX_BATCH})")
     parser.add_argument(
-        "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+        "--max-new-tokens", type=int,
         help=f"most tokens per forward: the largest draft tree + 1; prompts are prefilled in chunks of this size "
         f"(default {DEFAULT_MAX_NEW_TOKENS})",
     )
@@ -51,11 +53,13 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--engines-only", action="store_true",
-        help="with --tensorrt: build the engines from the ONNX export already in DIR instead of exporting again",
+        help="with --tensorrt: build the engines from the ONNX export already in DIR instead of exporting again "
+        "(not with the options of the export: --target, --draft, --draft-kind, --max-*, --config)",
     )
     parser.add_argument(
         "--compute-capability", action="append", metavar="SMxy",
-        help="TensorRT for RTX: a GPU generation to build for, e.g. SM89 (repeatable; default SM80 SM86 SM89 SM120)",
+        help="with --tensorrt, TensorRT for RTX: a GPU generation to build for, e.g. SM89 (repeatable; default SM80 "
+        "SM86 SM89 SM120)",
     )
     parser.add_argument(
         "--quantize", choices=WEIGHT_SCHEMES, default="none",
@@ -86,7 +90,7 @@ def add_parser(subparsers) -> None:
         help="with --quantize: the LM head's accuracy_level (default 4 for an int8 head, else the decoder layers')",
     )
     parser.add_argument(
-        "--config", default=DEFAULT_SPECULATIVE_CONFIG,
+        "--config",
         help=f"speculative config that `generate --config auto` runs on this export (default {DEFAULT_SPECULATIVE_CONFIG})",
     )
 
@@ -94,6 +98,15 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.engines_only and not args.tensorrt:
         raise SystemExit("--engines-only builds TensorRT engines: add --tensorrt")
+    if args.compute_capability and not args.tensorrt:
+        raise SystemExit("--compute-capability picks the GPUs TensorRT engines are built for: add --tensorrt")
+    export_options = {"--target": args.target, "--draft": args.draft, "--draft-kind": args.draft_kind,
+                      "--max-batch": args.max_batch, "--max-new-tokens": args.max_new_tokens,
+                      "--max-past": args.max_past, "--config": args.config}
+    given = [flag for flag, value in export_options.items() if value is not None]
+    if args.engines_only and given:
+        raise SystemExit(f"--engines-only builds engines from the export already in {args.out}, so {', '.join(given)} "
+                         "would be ignored: drop them, or export again (without --engines-only) with them")
     if args.tensorrt and args.quantize != "none":
         raise SystemExit("--quantize writes ONNX Runtime's com.microsoft.MatMulNBits, which TensorRT cannot parse: "
                          "build TensorRT engines from a float export (without --quantize) in another --out DIR")
@@ -130,10 +143,10 @@ def export_onnx(args: argparse.Namespace) -> None:
     target, draft, tokenizer = load_models(args)
     default_pair = "hf_specdec.models.load_default_pair()"
     sources = {"target": args.target or default_pair, "draft": args.draft or default_pair}
+    given = {"max_batch": args.max_batch, "max_new_tokens": args.max_new_tokens, "speculative_config": args.config}
     manifest = export_pair(
-        target, draft, tokenizer, args.out, sources,
-        max_batch=args.max_batch, max_new_tokens=args.max_new_tokens, max_past=args.max_past, speculative_config=args.config,
-        quantization=quantization,
+        target, draft, tokenizer, args.out, sources, max_past=args.max_past, quantization=quantization,
+        **{name: value for name, value in given.items() if value is not None},  # else export_pair's defaults
     )
     print(
         f"exported {manifest.target.architecture} ({manifest.target.num_layers} layers) and "

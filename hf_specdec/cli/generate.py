@@ -6,6 +6,8 @@ import argparse
 import sys
 
 BACKENDS = ("pytorch", "onnxruntime", "tensorrt")
+# the sampling options' defaults (the target's own distribution): --greedy refuses other values, which it would ignore
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 def add_parser(subparsers) -> None:
@@ -22,18 +24,19 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model-dir", help="an exported pair (`hf-specdec export --out DIR`) for onnxruntime/tensorrt")
     parser.add_argument("--target", help="target model: HF id or directory (pytorch backend)")
     parser.add_argument("--draft", help="draft model: HF id or directory (pytorch backend; default: the embedded draft)")
-    parser.add_argument("--draft-kind", choices=("feature", "standalone"), default="feature",
-                        help="which embedded draft (without --target): feature-conditioned (reads the target's hidden "
-                        "states) or standalone")
+    parser.add_argument("--draft-kind", choices=("feature", "standalone"),
+                        help="which embedded draft (pytorch backend, without --target): feature-conditioned (reads the "
+                        "target's hidden states; the default) or standalone")
     parser.add_argument(
         "--config", default="auto",
         help="speculative config, e.g. rsd-s:w=4,d=5, rsd-c:b=3-2-2, sd:l=4, ar (default: auto, the planner's choice; "
         "on an exported pair the config recorded at export)",
     )
-    parser.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling)")
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--greedy", action="store_true",
+                        help="greedy decoding (default: sampling; not with --temperature, --top-k, --top-p)")
+    parser.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS["temperature"])
+    parser.add_argument("--top-k", type=int, default=SAMPLING_DEFAULTS["top_k"], help="0 = off")
+    parser.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS["top_p"])
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
@@ -55,7 +58,11 @@ def load_models(args, tp_plan: str | None = None):
 
         if tp_plan:
             _converted_once(models.converted_target_dir)
-        return models.load_default_pair(draft_kind=args.draft_kind, tp_plan=tp_plan)
+        draft_kind = models.DEFAULT_DRAFT_KIND if args.draft_kind is None else args.draft_kind
+        return models.load_default_pair(draft_kind=draft_kind, tp_plan=tp_plan)
+    if args.draft_kind is not None:
+        raise SystemExit("--draft-kind picks an embedded draft, which runs with the embedded target only: drop it and "
+                         "give the draft for --target with --draft")
     extra = {"tp_plan": tp_plan} if tp_plan else {}
     target = AutoModelForCausalLM.from_pretrained(args.target, attn_implementation="sdpa", **extra).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.target)
@@ -96,6 +103,9 @@ def pytorch_generator(args):
 
     if args.model_dir is not None:
         raise SystemExit(f"--model-dir holds an exported pair: run it with --backend onnxruntime (now: --backend {args.backend})")
+    if args.target is not None and args.draft is None and _config_method(args.config) != "ar":
+        raise SystemExit(f"--config {args.config} drafts, and --target has no embedded draft: add --draft DIR, or use "
+                         "--config ar")
     target, draft, tokenizer = load_models(args, args.tp_plan)
 
     def generate(inputs, streamer):
@@ -121,8 +131,9 @@ def exported_generator(args):
     if args.model_dir is None:
         extra = " --tensorrt" if args.backend == "tensorrt" else ""
         raise SystemExit(f"--backend {args.backend} needs --model-dir DIR: create one with `hf-specdec export{extra} --out DIR`")
-    if args.target or args.draft:
-        raise SystemExit(f"--target/--draft pick PyTorch models; with --backend {args.backend} both models come from --model-dir")
+    if args.target or args.draft or args.draft_kind:
+        raise SystemExit(f"--target/--draft/--draft-kind pick PyTorch models; with --backend {args.backend} both models "
+                         "come from --model-dir")
     if args.backend == "tensorrt":
         from hf_specdec.export.trt_backend import load_tensorrt_pair as load_pair
     else:
@@ -144,10 +155,24 @@ def exported_generator(args):
     return pair.tokenizer, generate
 
 
+def _config_method(config: str) -> str:
+    from hf_specdec.config import SpeculativeConfig
+
+    try:
+        return SpeculativeConfig.parse(config).method
+    except ValueError as error:
+        raise SystemExit(f"--config: {error}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
     from transformers import TextStreamer
 
+    sampling = ["--" + name.replace("_", "-") for name, default in SAMPLING_DEFAULTS.items()
+                if getattr(args, name) != default]
+    if args.greedy and sampling:
+        raise SystemExit(f"--greedy does not sample, so {', '.join(sampling)} would be ignored: drop "
+                         f"{'it' if len(sampling) == 1 else 'them'}, or drop --greedy to sample")
     torch.manual_seed(args.seed)
     if args.tp_plan and args.backend != "pytorch":
         raise SystemExit("--tp-plan shards a PyTorch target: use it with --backend pytorch")

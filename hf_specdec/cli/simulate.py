@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEFAULT_CANDIDATES = "1,16,32,48,64,80,96,112"
+DEFAULT_DEVICE = "cpu"  # of --measure; --device defaults to None so that one given without --measure is refused
 
 EXAMPLES = """\
 examples:
@@ -60,7 +61,7 @@ def add_parser(subparsers) -> None:
                         help="'medusa' (acc_rate = 1 + 0.477 ln candidates) or a `hf-specdec bench --json` file "
                              "to fit the pair's per-depth acceptance to (default: medusa)")
     parser.add_argument("--temperature", type=float,
-                        help="with an acceptance file: use only its measurements at this temperature")
+                        help="with an acceptance file (not medusa): use only its measurements at this temperature")
     parser.add_argument("--operators", choices=("full", "medusa-g3"), default="full",
                         help="full: every operator, each sequence reads its own KV cache; medusa-g3: the "
                              "appendix G.3 accounting of the seed charts (default: full)")
@@ -70,7 +71,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--measure", action="store_true",
                         help="time forwards of randomly initialised --model (and --draft) on --device, fit the "
                              "latency model, cache it, and simulate with it (a couple of minutes for SmolLM2-135M)")
-    parser.add_argument("--device", default="cpu", help="device for --measure (default: cpu)")
+    parser.add_argument("--device", help=f"device for --measure (default: {DEFAULT_DEVICE})")
     parser.add_argument("--validate", action="store_true",
                         help="with --measure: afterwards, time the target again at every --batch x --candidates "
                              "(at --seq-len) and print measured vs predicted latency")
@@ -86,6 +87,17 @@ def run(args) -> int:
         return 2
 
 
+def _check_options(args) -> None:
+    """Refuse the options this run would ignore."""
+    if args.acceptance == "medusa" and args.temperature is not None:
+        raise ValueError("--temperature picks the measurements of an acceptance file, and --acceptance medusa has "
+                         "none: drop --temperature, or give --acceptance a `hf-specdec bench --json` file")
+    unused = [flag for flag, given in (("--validate", args.validate), ("--device", args.device is not None)) if given]
+    if unused and not args.measure:
+        listed = " and ".join(unused)
+        raise ValueError(f"only --measure reads {listed}: add --measure, or leave out {listed}")
+
+
 def _latency_model(spec: str, args, role: str):
     from hf_specdec.planner import OPERATOR_SETS, LatencyModel, load_hardware, load_shape
 
@@ -93,7 +105,8 @@ def _latency_model(spec: str, args, role: str):
     if args.measure:
         if args.hardware not in (None, "cpu"):
             raise ValueError(f"--measure times this machine; drop --hardware {args.hardware} or --measure")
-        hardware = _measure(shape, args.dtype or "float32", args.device, args if role == "target" else None)
+        device = DEFAULT_DEVICE if args.device is None else args.device
+        hardware = _measure(shape, args.dtype or "float32", device, args if role == "target" else None)
     elif args.hardware == "cpu":
         hardware = _cpu_calibration(shape, args.dtype or "float32", role)
     else:
@@ -145,6 +158,7 @@ def _simulate(args) -> int:
     from hf_specdec.planner.planning import estimate_candidates, estimate_config
     from hf_specdec.planner.trees import default_candidates
 
+    _check_options(args)
     target = _latency_model(args.model, args, "target")
     draft = _latency_model(args.draft, args, "draft") if args.draft else None
     acceptance = load_acceptance(args.acceptance, args.temperature)
