@@ -64,13 +64,15 @@ def compare(models: Path, rank: int) -> dict:
         vocab = sharded.config.vocab_size
         for batch in (1, 3):
             inputs = left_padded_prompts([2 * row for row in range(batch)], 9, vocab, seed=7)
+            plain = unsharded.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0)
             for method in METHODS:
                 for do_sample in (False, True):
                     ours, _ = generate(sharded, draft, inputs, method, do_sample)
                     reference, _ = generate(unsharded, draft, inputs, method, do_sample)
                     report["cases"].append({"family": family_dir.name, "batch": batch, "method": method,
                                             "do_sample": do_sample, "sharded": ours.tolist(),
-                                            "unsharded": reference.tolist()})
+                                            "unsharded": reference.tolist(),
+                                            "plain generate": None if do_sample else plain.tolist()})
         if family_dir.name == "llama":
             inputs = left_padded_prompts([0], 9, vocab, seed=7)
             for method in ("ar", "rsd-s:w=3,d=4"):

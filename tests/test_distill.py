@@ -274,6 +274,23 @@ def test_a_draft_equal_to_its_target_is_always_accepted(target, heldout):
     assert set(cost) == {"1", "4"} and all(c["ratio"] > 0 for c in cost.values())
 
 
+def test_acceptance_of_another_draft_is_the_overlap_of_p_and_q(target, heldout):
+    """alpha = mean over positions of sum_x min(p(x), q(x)), with p and q from the models' own forwards."""
+    draft = distill.init_standalone_draft(target, list(range(VOCAB_SIZE)), [1], oov_rank=4).eval()
+    overlaps, agreements = [], []
+    with torch.no_grad():
+        for sample in heldout:
+            generated = torch.arange(sample.prompt_len - 1, len(sample.token_ids) - 1)
+            p = target(sample.token_ids[None].long()).logits[0, generated].softmax(-1)
+            q = draft(sample.token_ids[None].long()).logits[0, generated].float().softmax(-1)
+            overlaps.append(torch.minimum(p, q).sum(-1))
+            agreements.append((p.argmax(-1) == q.argmax(-1)).float())
+    stats = draft_quality.acceptance(draft, target, heldout)
+    alpha = torch.cat(overlaps).mean().item()
+    assert 0.05 < alpha < 0.95 and stats["alpha"] == pytest.approx(alpha, abs=1e-4)
+    assert stats["top1_agreement"] == pytest.approx(torch.cat(agreements).mean().item())
+
+
 def test_a_feature_draft_equal_to_its_target_is_accepted_at_every_depth(tmp_path):
     from draft_fixtures import prompts, tiny_tokenizer
 

@@ -6,7 +6,8 @@ Drafts: a standalone model close to the target, an unrelated one, and a feature-
 One generate() call with thousands of identical prompts draws that many independent samples; a chi-square test on
 cells with expected count >= 5 (the rest pooled) must not reject at level 1e-4 (seeds are fixed, so the test is
 deterministic). The sampler is pluggable: PyTorch through generate(), and the exported pair on ONNX Runtime through
-`hf_specdec.generation.decode`. The negative control checks that the test does reject a verifier that is off.
+`hf_specdec.generation.decode`. The negative controls check that the test does reject a verifier that is off:
+grossly off with the sweep's sample size, subtly off with the larger one of a few cases.
 """
 
 from __future__ import annotations
@@ -73,10 +74,10 @@ def exact_joint(target, temperature: float, top_k: int | None) -> torch.Tensor:
 def pytorch_sampler(pairs):
     """sample(draft name, config, temperature, top-k) -> the generated tokens [SAMPLES, NEW_TOKENS], via generate()."""
 
-    def sample(draft, config, temperature, top_k):
+    def sample(draft, config, temperature, top_k, samples=SAMPLES):
         target, draft_model = pairs[draft]
         out = target.generate(
-            torch.tensor(PROMPT).expand(SAMPLES, -1),
+            torch.tensor(PROMPT).expand(samples, -1),
             custom_generate=speculative_generate,
             draft_model=draft_model,
             speculative_config=config,
@@ -95,11 +96,11 @@ def onnxruntime_sampler(exported):
     """The same on ONNX Runtime: `exported` maps a draft name to the exported (target, that draft) pair (for the
     feature draft, a target graph that returns its features and a draft graph that reads them)."""
 
-    def sample(draft, config, temperature, top_k):
+    def sample(draft, config, temperature, top_k, samples=SAMPLES):
         pair = exported[draft]
         generation_config = GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k or 0,
                                              max_new_tokens=NEW_TOKENS, pad_token_id=0)
-        result = decode(pair.target, pair.draft, torch.tensor(PROMPT).expand(SAMPLES, -1), generation_config, config)
+        result = decode(pair.target, pair.draft, torch.tensor(PROMPT).expand(samples, -1), generation_config, config)
         return result.sequences[:, len(PROMPT):]
 
     return sample
@@ -121,10 +122,11 @@ def onnxruntime_sample(pairs, tmp_path_factory):
     return onnxruntime_sampler(exported)
 
 
-def sample_joint(sample, draft: str, config: str, temperature: float, top_k: int | None) -> torch.Tensor:
-    """Counts of each of the V^3 possible continuations over SAMPLES seeded draws."""
+def sample_joint(sample, draft: str, config: str, temperature: float, top_k: int | None,
+                 samples: int = SAMPLES) -> torch.Tensor:
+    """Counts of each of the V^3 possible continuations over `samples` seeded draws."""
     torch.manual_seed(1234)
-    new = sample(draft, config, temperature, top_k)
+    new = sample(draft, config, temperature, top_k, samples)
     index = (new[:, 0] * VOCAB + new[:, 1]) * VOCAB + new[:, 2]
     return torch.bincount(index, minlength=VOCAB**NEW_TOKENS).double()
 
@@ -165,6 +167,27 @@ def test_sampling_matches_target_distribution(request, pairs, backend, config, s
     assert pvalue > LEVEL, f"{config} at {setting}: chi-square p-value {pvalue:.2e}"
 
 
+# The sweep above draws SAMPLES a case: enough for what breaks a whole step (caches, positions, masks), which moves the
+# joint far. A verifier that is subtly off moves it little, most where drafts are often rejected; these cases draw
+# POWER_SAMPLES, where the negative controls below must reject such a verifier (a near draft with rsd-s:w=4,d=3 is
+# rejected too rarely for it: it would need ~4x more).
+POWER_SAMPLES = 16000
+POWER_CASES = {
+    "near-rsd-c": ("near", "rsd-c:b=3-2-1"),
+    "feature-rsd-c": ("feature", "rsd-c:b=3-2-1"),
+    "feature-rsd-s": ("feature", "rsd-s:w=4,d=3"),
+    "far-rsd-s": ("far", "rsd-s:w=2,d=2"),
+}
+
+
+@pytest.mark.parametrize("case", POWER_CASES)
+def test_sampling_matches_target_distribution_with_more_samples(pairs, pytorch_sample, case):
+    draft, config = POWER_CASES[case]
+    counts = sample_joint(pytorch_sample, draft, config, 1.0, None, POWER_SAMPLES)
+    pvalue = chi_square_pvalue(counts, exact_joint(pairs[draft][0], 1.0, None))
+    assert pvalue > LEVEL, f"{config} with the {draft} draft: chi-square p-value {pvalue:.2e}"
+
+
 def accept_everything(p, q, tokens):
     decision = verification.recursive_rejection(p, q, tokens)
     decision.accept_probs = torch.ones_like(decision.accept_probs)
@@ -182,14 +205,39 @@ def keep_rejected_tokens_in_q(p, q, tokens):
     return verification.NodeDecision(accept, theta)
 
 
-@pytest.mark.parametrize("biased_rule", [accept_everything, keep_rejected_tokens_in_q])
-def test_negative_control_detects_a_biased_verifier(pairs, pytorch_sample, monkeypatch, biased_rule):
-    """The same test rejects a verifier that is off: grossly (accepting every draft token, so the output follows q)
-    or subtly (treating draws without replacement as draws with replacement)."""
-    target, _ = pairs["far"]
-    monkeypatch.setitem(verification.NODE_RULES, "rrs", biased_rule)
+def spectr_without_rho(p, q, tokens):
+    """K-SEQ with rho left at 1 (its solve forgotten): K draws accept more than p allows, the residual is clipped."""
+    p64, q64 = p.double(), q.double()
+    accept = torch.where(q64[tokens] > 0, p64[tokens] / q64[tokens].clamp(min=1e-300), 0.0).clamp(max=1.0)
+    beta = float(torch.minimum(q64, p64).sum())  # > 0: these tiny models give every token some probability
+    accepted_mass = torch.minimum(q64, p64) * ((1.0 - (1.0 - beta) ** len(tokens)) / beta)
+    return verification.NodeDecision(accept, verification._normalize((p64 - accepted_mass).clamp(min=0.0), p64))
+
+
+def verifier_replaced(monkeypatch, rule: str, biased_rule) -> None:
+    monkeypatch.setitem(verification.NODE_RULES, rule, biased_rule)
     # the reference walks NODE_RULES (the default verifier, the batched path, is checked against it elsewhere)
     monkeypatch.setattr(generation, "default_verifier", lambda device: verification.verify_tree)
-    exact = exact_joint(target, 1.0, None)
-    counts = sample_joint(pytorch_sample, "far", "rsd-c:b=2-2", 1.0, None)
-    assert chi_square_pvalue(counts, exact) < LEVEL
+
+
+@pytest.mark.parametrize("rule,biased_rule,draft,config", [
+    ("rrs", accept_everything, "far", "rsd-c:b=2-2"),
+    ("rrs", keep_rejected_tokens_in_q, "far", "rsd-c:b=2-2"),
+    ("spectr", spectr_without_rho, "near", "spectr:k=2,l=2"),
+    ("spectr", spectr_without_rho, "feature", "spectr:k=4,l=3"),
+])
+def test_negative_control_detects_a_biased_verifier(pairs, pytorch_sample, monkeypatch, rule, biased_rule, draft,
+                                                    config):
+    """The sweep's test rejects a verifier that is off: grossly (accepting every draft token, so the output follows
+    q; SpecTr without its rho) or subtly (treating draws without replacement as draws with replacement)."""
+    verifier_replaced(monkeypatch, rule, biased_rule)
+    counts = sample_joint(pytorch_sample, draft, config, 1.0, None)
+    assert chi_square_pvalue(counts, exact_joint(pairs[draft][0], 1.0, None)) < LEVEL
+
+
+@pytest.mark.parametrize("case", POWER_CASES)
+def test_negative_control_with_more_samples_detects_a_subtly_biased_verifier(pairs, pytorch_sample, monkeypatch, case):
+    draft, config = POWER_CASES[case]
+    verifier_replaced(monkeypatch, "rrs", keep_rejected_tokens_in_q)
+    counts = sample_joint(pytorch_sample, draft, config, 1.0, None, POWER_SAMPLES)
+    assert chi_square_pvalue(counts, exact_joint(pairs[draft][0], 1.0, None)) < LEVEL

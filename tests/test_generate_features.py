@@ -35,13 +35,16 @@ def speculative(draft, config, **kwargs):
         {"repetition_penalty": 1.5},
         {"no_repeat_ngram_size": 2},
         {"min_new_tokens": 20, "eos_token_id": [5, 9, 17]},
-        {"bad_words_ids": [[7], [11, 12]], "eos_token_id": 23},
+        {"bad_words_ids": [[89], [14, 14]], "eos_token_id": 23},  # both occur in the unconstrained output
     ],
     ids=["repetition-penalty", "no-repeat-ngram", "min-new-tokens", "bad-words"],
 )
 def test_prefix_dependent_processors_keep_greedy_identity(pair, batch, method, options):
     target, draft = pair
     reference = target.generate(**batch, do_sample=False, max_new_tokens=40, pad_token_id=0, **options)
+    eos = {k: v for k, v in options.items() if k == "eos_token_id"}
+    unconstrained = target.generate(**batch, do_sample=False, max_new_tokens=40, pad_token_id=0, **eos)
+    assert not torch.equal(reference, unconstrained)  # the processor changes the output: the identity tests it
     out = target.generate(**batch, do_sample=False, max_new_tokens=40, **speculative(draft, method), **options)
     assert torch.equal(out, reference)
 

@@ -62,8 +62,9 @@ def test_greedy_output_is_the_unsharded_models(reports):
     greedy = [case for case in reports[0]["cases"] if not case["do_sample"]]
     assert {case["method"] for case in greedy} >= {"sd:l=4", "spectr:k=3,l=3", "rsd-c:b=2-2-1", "rsd-s:w=3,d=4"}
     assert {case["family"] for case in greedy} == {"llama", "qwen2"} and {case["batch"] for case in greedy} == {1, 3}
-    for case in greedy:
+    for case in greedy:  # the unsharded model's speculative run and its plain generate()
         assert case["sharded"] == case["unsharded"], f"{case['family']} {case['method']} batch {case['batch']}"
+        assert case["sharded"] == case["plain generate"], f"{case['family']} {case['method']} batch {case['batch']}"
 
 
 def test_sampled_output_is_the_same_on_every_rank_and_the_unsharded_runs(reports):

@@ -9,9 +9,8 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
+import tensorrt_rtx as trt  # the dev extra installs it: missing, these engine builds must fail, not skip
 import torch
-
-trt = pytest.importorskip("tensorrt_rtx", reason="TensorRT for RTX is not installed (pip install tensorrt-rtx-cu12)")
 
 from hf_specdec.export.manifest import Manifest  # noqa: E402
 from hf_specdec.export.tensorrt_build import (  # noqa: E402
