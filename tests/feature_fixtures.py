@@ -4,12 +4,16 @@ reproduce a one-layer Llama target exactly; conversations and a chat tokenizer f
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 from tiny_models import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from hf_specdec.feature_draft import FeatureDraftConfig, FeatureDraftForCausalLM
+from hf_specdec.loop import SpeculativeDecoder
 
 # a ChatML-like template over words: <s> opens a turn, w3 / w4 name user / assistant, </s> ends it
 CHAT_TEMPLATE = (
@@ -110,3 +114,19 @@ def exact_feature_pair(vocab_size: int = 96, seed: int = 0, kept_token_ids: list
         draft.model.layers[0].load_state_dict(target.model.layers[0].state_dict())
         draft.model.norm.load_state_dict(target.model.norm.state_dict())
     return target, draft
+
+
+@contextlib.contextmanager
+def drafted_tokens():
+    """Inside the context, every token the speculative loop drafts (any backend) is appended to the yielded list."""
+    drafted = []
+    original = SpeculativeDecoder._draft
+
+    def recorded(self, state, out, tree, depth):
+        step = original(self, state, out, tree, depth)
+        drafted.append(tree.tokens[:, 1 : tree.size][tree.valid[:, 1 : tree.size]])
+        return step
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SpeculativeDecoder, "_draft", recorded)
+        yield drafted

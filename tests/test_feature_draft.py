@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from feature_fixtures import exact_feature_pair, feature_draft_for, predictable_target, tiny_feature_draft
+from feature_fixtures import drafted_tokens, exact_feature_pair, feature_draft_for, predictable_target, tiny_feature_draft
 from tiny_models import left_padded_prompts, tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -98,17 +98,8 @@ def test_a_reduced_vocabulary_draft_keeps_greedy_output(config):
     kept = [t for t in range(96) if t % 5 != 4]
     draft = feature_draft_for(target, kept_token_ids=kept)
     inputs = prompts(3)
-    drafted = []
-    original = SpeculativeDecoder._draft
-
-    def recorded(self, state, out, tree, depth):
-        step = original(self, state, out, tree, depth)
-        drafted.append(tree.tokens[:, 1 : tree.size][tree.valid[:, 1 : tree.size]])
-        return step
-
     reference = target.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(SpeculativeDecoder, "_draft", recorded)
+    with drafted_tokens() as drafted:
         out = speculative(target, draft, inputs, config, False)
     assert torch.equal(out.sequences, reference)
     assert out.speculative_stats.block_efficiency > 1.2

@@ -33,7 +33,6 @@ from hf_specdec.export.onnx_export import export_pair
 from hf_specdec.export.ort_backend import load_onnxruntime_pair
 from hf_specdec.export.parity import random_tree, run_tree, tree_logit_error
 from hf_specdec.generation import decode
-from hf_specdec.loop import SpeculativeDecoder
 
 FAMILIES = ["llama", "qwen2", "mistral", "gpt2", "opt"]
 METHODS = ["sd:l=4", "rsd-c:b=2-2-1", "rsd-s:w=3,d=4"]
@@ -171,7 +170,7 @@ def test_a_reduced_vocabulary_draft_drafts_on_its_tokens_on_onnx_runtime(tmp_pat
     """The manifest records the tokens a reduced-vocabulary head scores; the ONNX Runtime draft drafts on them only
     (as the PyTorch backend does): every drafted token, greedy or sampled, is a kept one, drafts are accepted, and
     greedy decoding stays token-identical to `generate`."""
-    from feature_fixtures import feature_draft_for, predictable_target
+    from feature_fixtures import drafted_tokens, feature_draft_for, predictable_target
 
     target = predictable_target("llama")
     target.generation_config.eos_token_id = None
@@ -189,17 +188,8 @@ def test_a_reduced_vocabulary_draft_drafts_on_its_tokens_on_onnx_runtime(tmp_pat
     pair = load_onnxruntime_pair(model_dir, device="cpu")
     assert pair.draft.logit_support.tolist() == kept and pair.target.logit_support is None
     inputs = prompts(3)
-    drafted = []
-    original = SpeculativeDecoder._draft
-
-    def recorded(self, state, out, tree, depth):
-        step = original(self, state, out, tree, depth)
-        drafted.append(tree.tokens[:, 1 : tree.size][tree.valid[:, 1 : tree.size]])
-        return step
-
     reference = target.generate(**inputs, do_sample=False, max_new_tokens=NEW_TOKENS, pad_token_id=0)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(SpeculativeDecoder, "_draft", recorded)
+    with drafted_tokens() as drafted:
         for method in METHODS:
             result = decode_onnxruntime(pair, inputs, method)
             assert torch.equal(result.sequences, reference), method
