@@ -353,8 +353,8 @@ def _load_checkpoint(path: Path, draft, optimizer, schedule, options: TrainingOp
     another batch size or seed replays another data order) and a total that ends before the checkpoint."""
     state = torch.load(path)
     # checkpoints before the recipe was saved: the learning rate is in the schedule
-    saved = state.get("options", {"lr": state["schedule"]["base_lrs"][0]})
-    changed = {k: (v, _recipe(options)[k]) for k, v in saved.items() if _recipe(options)[k] != v}
+    saved, given = state.get("options", {"lr": state["schedule"]["base_lrs"][0]}), _recipe(options)
+    changed = {k: (v, given[k]) for k, v in saved.items() if given[k] != v}
     if changed:
         listed = ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
         raise ValueError(f"{path} was trained with {listed}: resume with the same options, or start a run in "

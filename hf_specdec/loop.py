@@ -273,7 +273,7 @@ class SpeculativeDecoder:
         if prompt_length >= self.max_length:  # as generate refuses it
             raise ValueError(f"the prompt has {prompt_length} tokens but max_length is {self.max_length}: increase "
                              "max_length or, better, set max_new_tokens")
-        width = max(self.max_length, prompt_length) + self.config.depth + 2  # room for one step past max_length
+        width = self.max_length + self.config.depth + 2  # room for one step past max_length
         check_step_fits(self.config, batch, self.target.vocab_size, width, self.do_sample, device)
         stop = StopRule.from_criteria(self.stopping_criteria, self.max_length, device)
         if batch > 1 and stop.per_token is not None and stop.eos_ids is None:
