@@ -196,7 +196,7 @@ def test_auto_asks_the_planner_and_records_acceptance(pair, monkeypatch, tmp_pat
     draft = tiny_model("llama", vocab_size=96, seed=2, num_hidden_layers=1)  # cheaper than the target
     prompt = torch.tensor([[1, 40, 41]])
     first = target.generate(prompt, do_sample=False, max_new_tokens=20, return_dict_in_generate=True, **speculative(draft, "auto"))
-    assert first.sequences.shape[1] == 23 and first.speculative_stats.config != "ar"
+    assert first.sequences.shape[1] == 23 and not first.speculative_stats.config.startswith("ar")
     recorded = pair_statistics_path(target, draft).read_text().splitlines()
     assert len(recorded) == 1 and '"temperature": 0.0' in recorded[0]
     second = target.generate(prompt, do_sample=False, max_new_tokens=20, return_dict_in_generate=True, **speculative(draft, "auto"))
