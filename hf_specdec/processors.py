@@ -52,6 +52,17 @@ def top_entries(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return values, index // k * groups + chosen.gather(-1, index % k)
 
 
+def top_k_warp(processor: lp.TopKLogitsWarper, scores: torch.Tensor) -> torch.Tensor:
+    """What `processor(input_ids, scores)` returns, bit for bit: scores below the k-th largest become its filter
+    value. The k-th largest comes from `top_entries` (a top k of the row, found with a fraction of the work of a
+    full top-k over a large vocabulary), then a top-k of those k only: on a tree's [nodes, V] scores the full top-k
+    was most of the warper's cost."""
+    top_k = min(processor.top_k, scores.shape[-1])
+    values, _ = top_entries(scores, top_k)
+    threshold = values.topk(top_k, dim=-1)[0][..., -1:]
+    return torch.where(scores < threshold, processor.filter_value, scores)  # masked_fill's values, a third faster
+
+
 # processors whose rows are not independent sequences (batch index semantics, extra model calls, state)
 UNSUPPORTED = _classes(
     "PrefixConstrainedLogitsProcessor", "ClassifierFreeGuidanceLogitsProcessor",
@@ -139,7 +150,10 @@ class NodeScorer:
 
     def _apply(self, input_ids: torch.Tensor, scores: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
         for processor in self.processors:
-            scores = for_rows(processor, row_ids)(input_ids, scores)
+            if type(processor) is lp.TopKLogitsWarper:  # a subclass may compute otherwise
+                scores = top_k_warp(processor, scores)
+            else:
+                scores = for_rows(processor, row_ids)(input_ids, scores)
         return scores
 
     def __call__(

@@ -400,13 +400,21 @@ def _support_entries(p: torch.Tensor, q: torch.Tensor | None, has_children: torc
     return rows, tokens
 
 
+def _positive_count(probs: torch.Tensor) -> torch.Tensor:
+    """[..., V] -> [...] float: at least the number of entries > 0 of probabilities in [0, 1], as the float sum of
+    their ceilings (each 1 where > 0, 0 where 0; exact in float32 to 2^24 entries). `count_nonzero` converts a
+    vocabulary-sized bool tensor to int64 first: 7x slower on a CPU. A NaN makes the sum NaN (the caller widens it)."""
+    return probs.ceil().sum(-1, dtype=torch.float32)
+
+
 def _support_bounds(p: torch.Tensor, q: torch.Tensor | None, has_children: torch.Tensor) -> torch.Tensor:
     """[B, N+1]: at least as many as the entries `_support_entries` finds at each node (p > 0, or q > 0 where it has
-    children): the nonzeros of p plus those of q where the node has children, one pass over each, no temporaries."""
-    counts = torch.count_nonzero(p, dim=-1)
+    children): the positive entries of p plus those of q where the node has children (q elsewhere may be garbage)."""
+    counts = _positive_count(p)
     if q is not None:
-        counts += torch.where(has_children, torch.count_nonzero(q, dim=-1), 0)
-    return counts.clamp_(max=p.shape[-1])
+        counts += torch.where(has_children, _positive_count(q), 0)
+    vocab = p.shape[-1]
+    return counts.nan_to_num_(nan=vocab).clamp_(max=vocab).long()
 
 
 class _Support:
@@ -475,7 +483,7 @@ def compact_vocabulary(inputs: VerifyInputs, support: _Support | None = None) ->
         return out.view(batch, slots, width)
 
     # each node's token as an index into its parent's (sorted) support; not found: the last slot, a zero one
-    node_tokens = inputs.node_tokens.to(device).long()
+    node_tokens = inputs.node_tokens.to(device).long().contiguous()  # a slice of the tree's buffer: searchsorted warns
     parent_ids = token_ids.gather(1, support.parents[..., None].expand(-1, -1, width))
     index = torch.searchsorted(parent_ids, node_tokens[..., None]).clamp_(max=width - 1)
     found = parent_ids.gather(2, index) == node_tokens[..., None]

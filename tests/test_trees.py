@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from hf_specdec.cache_layout import CacheLayout, sliding_window_mask, tree_attention_mask
@@ -316,6 +317,29 @@ def test_top_entries_is_a_top_k():
         values, index = top_entries(x, k)
         assert torch.equal(values.sort(-1, descending=True).values, x.topk(k, -1).values)
         assert torch.equal(x.gather(-1, index), values) and (index.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_top_k_warp_is_the_warper_bit_for_bit(dtype):
+    """`top_k_warp` (what `NodeScorer` runs for a `TopKLogitsWarper`) returns the warper's own scores: ties at the
+    k-th score, -inf and NaN entries, k >= V, min_tokens_to_keep, a filter value other than -inf."""
+    from transformers.generation import logits_process as lp
+
+    from hf_specdec.processors import top_k_warp
+
+    generator = torch.Generator().manual_seed(11)
+    warpers = (lp.TopKLogitsWarper(50), lp.TopKLogitsWarper(132), lp.TopKLogitsWarper(3, min_tokens_to_keep=9),
+               lp.TopKLogitsWarper(7, filter_value=-1e4), lp.TopKLogitsWarper(70000))
+    for vocab in (49152, 50257, 1000, 12):
+        x = (torch.randn(3, 5, vocab, generator=generator) * 3).round().to(dtype)  # ties
+        x[0, 0, ::3] = float("-inf")
+        x[1, 2, 5] = float("nan")
+        x[2, 4] = 1.0  # every score tied
+        for warper in warpers:
+            expected = warper(None, x.flatten(0, 1)).view_as(x)
+            found = top_k_warp(warper, x)
+            assert torch.equal(found.isnan(), expected.isnan())
+            assert torch.equal(found.nan_to_num(), expected.nan_to_num()), (vocab, warper.top_k)
 
 
 def test_draft_probs_buffer_records_and_clears():

@@ -601,6 +601,32 @@ def test_compact_vocabulary_layout():
     assert width == max(bounds) + 1 >= max(counts) + 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_support_bounds_count_the_positive_entries(dtype):
+    """The compact width's bound: per node, the entries > 0 of p (subnormals and exact ones included) plus those of q
+    where the node has children; q's garbage elsewhere (NaN, inf, negative, above one) is not read; a NaN in p
+    bounds by the whole vocabulary (nothing is compacted away)."""
+    from hf_specdec.verify_batched import _support_bounds
+
+    generator = torch.Generator().manual_seed(7)
+    batch, slots, vocab = 3, 5, 4096
+    tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the smallest subnormal
+    p = torch.rand(batch, slots, vocab, generator=generator) * (torch.rand(batch, slots, vocab, generator=generator) < 0.02)
+    q = torch.rand(batch, slots, vocab, generator=generator) * (torch.rand(batch, slots, vocab, generator=generator) < 0.05)
+    p, q = p.to(dtype), q.to(dtype)
+    p[0, 0, :3] = torch.tensor([tiny, 1.0, tiny], dtype=dtype)
+    has_children = torch.rand(batch, slots, generator=generator) < 0.5
+    has_children[0, 1], has_children[1, 1] = True, False
+    garbage = torch.tensor([float("nan"), float("inf"), -5.0, 3.7], dtype=dtype)
+    q[1, 1, :4] = garbage  # a node without children
+    expected = (p > 0).sum(-1) + torch.where(has_children, (q > 0).sum(-1), 0)
+    assert torch.equal(_support_bounds(p, q, has_children), expected)
+    assert torch.equal(_support_bounds(p, None, has_children), (p > 0).sum(-1))
+    p[2, 3, 10] = float("nan")
+    bounds = _support_bounds(p, q, has_children)
+    assert bounds[2, 3] == vocab and bounds.dtype == torch.long
+
+
 @pytest.mark.parametrize("rule", ["rrs", "spectr"])
 def test_compaction_on_a_large_vocabulary(rule, monkeypatch):
     """49,152 tokens with top-50 supports (as the loop sees them): the default takes the compact path (one read
