@@ -95,16 +95,50 @@ def test_reduced_vocabulary_head_is_packed_and_keeps_its_minus_infinity():
     torch.testing.assert_close(packed[kept], reference[kept], atol=1e-5, rtol=1e-5)
 
 
-def test_prepacking_is_chosen_by_measuring_it(monkeypatch):
+def test_prepacking_is_chosen_by_measuring_it(monkeypatch, tmp_path):
     """Packed weights are used where they measure faster on this machine, and not where they measure slower."""
     from hf_specdec.backends import cpu_kernels
 
     model = tiny_model("llama", vocab_size=96)
+    monkeypatch.setenv("HF_SPECDEC_CACHE", str(tmp_path / "faster"))
     monkeypatch.setattr(cpu_kernels, "_PAYS", {})
     monkeypatch.setattr(cpu_kernels, "_time_forward", lambda m, tokens, packed: 1.0 if packed else 2.0)
     assert cpu_kernels.prepacking_pays(model, 8)
+    monkeypatch.setenv("HF_SPECDEC_CACHE", str(tmp_path / "slower"))
     monkeypatch.setattr(cpu_kernels, "_PAYS", {})
     monkeypatch.setattr(cpu_kernels, "_time_forward", lambda m, tokens, packed: 1.0 if packed else 1.01)
     assert not cpu_kernels.prepacking_pays(model, 8)
     monkeypatch.setenv("HF_SPECDEC_PREPACK", "0")
     assert not cpu_kernels.prepacking_pays(model, 8)
+
+
+def test_kernel_choices_outlive_the_process_until_a_calibration(monkeypatch, tmp_path):
+    """A choice is timed once and kept on disk: a later process (a fresh memo) runs what the planner's calibration
+    timed, whatever one timing there would say, until `calibrate` times the choices anew with its samples."""
+    from hf_specdec.backends import cpu_kernels
+    from hf_specdec.planner import calibration
+
+    monkeypatch.setenv("HF_SPECDEC_CACHE", str(tmp_path))
+    model, other = tiny_model("llama", vocab_size=96), tiny_model("qwen2", vocab_size=96)
+    monkeypatch.setattr(cpu_kernels, "_PAYS", {})
+    timed = []
+    faster = {"packed": True}
+
+    def time_forward(m, tokens, packed):
+        timed.append((m, tokens))
+        return 1.0 if packed == faster["packed"] else 2.0
+
+    monkeypatch.setattr(cpu_kernels, "_time_forward", time_forward)
+    assert cpu_kernels.prepacking_pays(model, 8) and cpu_kernels.prepacking_pays(other, 8)
+    faster["packed"] = False
+    assert not cpu_kernels.prepacking_pays(model, 1)
+    count = len(timed)
+    monkeypatch.setattr(cpu_kernels, "_PAYS", {})  # a new process: the stored choices, nothing timed
+    assert cpu_kernels.prepacking_pays(model, 8) and not cpu_kernels.prepacking_pays(model, 1)
+    assert len(timed) == count
+    monkeypatch.setattr(calibration, "measure", lambda m, grid, repeats, progress: [])
+    monkeypatch.setattr(calibration, "fit_hardware", lambda *args: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError, match="stop"):
+        calibration.calibrate(model, progress=False)  # forgets this model's choices, then measures
+    assert not cpu_kernels.prepacking_pays(model, 8)  # timed anew: stock is faster now
+    assert cpu_kernels.prepacking_pays(other, 8) and len(timed) == count + 4  # the other model's choice stays

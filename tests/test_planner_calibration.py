@@ -12,7 +12,7 @@ from hf_specdec.config import SpeculativeConfig
 from hf_specdec.planner import LatencyModel, ModelShape, choose_config, record_acceptance, shape_from_config
 from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT, TreeAcceptance, pair_acceptance
 from hf_specdec.planner.calibration import (
-    Calibration, Grid, MeasuredLatency, Sample, calibrate, calibrated_hardware, device_name, fit_hardware,
+    Calibration, Grid, MeasuredLatency, Sample, calibrate, calibrated_hardware, device_name, drifted, fit_hardware,
     load_calibration, measured_latency, random_model, time_forward,
 )
 from hf_specdec.planner.hardware import Hardware
@@ -84,6 +84,23 @@ def test_a_calibration_this_machine_no_longer_matches_is_measured_again(tiny_mod
     calibration_module._CHECKED.clear()
     monkeypatch.setattr(calibration_module, "drifted", lambda model, cached: False)
     assert calibrated_hardware(tiny_model) == kept  # the cache matches: reused
+
+
+def test_a_calibration_timed_with_other_kernels_is_measured_again(tiny_model, monkeypatch):
+    """The samples record the linear kernels they were timed with; a cached calibration whose kernels are not those
+    the loop runs now (or that does not say, from before the choices were kept) is stale without timing anything."""
+    from hf_specdec.backends import cpu_kernels
+    from hf_specdec.planner import calibration as calibration_module
+
+    monkeypatch.setattr(cpu_kernels, "prepacking_pays", lambda model, tokens: tokens >= 3)
+    measured = calibrate(tiny_model, TINY, TINY_GRID, repeats=1, progress=False)
+    assert measured.kernels == {n: n >= 3 for n in TINY_GRID.new_tokens}
+    reloaded = load_calibration(device_name("cpu"), TINY, "float32")
+    assert reloaded.kernels == measured.kernels and reloaded.samples == measured.samples
+    monkeypatch.setattr(calibration_module, "time_forward", lambda *args, **kwargs: pytest.fail("timed"))
+    assert drifted(tiny_model, dataclasses.replace(measured, kernels=None))
+    monkeypatch.setattr(cpu_kernels, "prepacking_pays", lambda model, tokens: tokens >= 5)
+    assert drifted(tiny_model, measured)
 
 
 def test_plain_forward_scale_compares_the_kernels_plain_generate_runs(tiny_model, monkeypatch):

@@ -43,20 +43,83 @@ def prepacking_available(model) -> bool:
 
 # below this gain a forward with packed weights is not worth their packing at every call
 PACKING_GAIN = 1.05
-_PAYS: dict[tuple, bool] = {}
+_PAYS: dict[tuple[int, str], bool] = {}  # (threads, `_choice_key`): this process's choices
 
 
 def prepacking_pays(model, tokens: int) -> bool:
     """Whether a forward of `tokens` new tokens (a step's tree and its root) runs faster with packed weights on this
     machine: measured, not assumed (it depends on the CPU: on one AMD EPYC packed GEMMs made a 5-token forward cost
     what a 1-token one does; on an Intel Xeon with AMX they were slower at 4 tokens and faster from 8). Timed once per
-    model shape, token count and thread count in this process: the stock and the packed forward, interleaved."""
+    CPU, thread count, model shape and token count (stock and packed forwards, alternately) and kept on disk with the
+    planner's calibrations: every later process runs the kernels the calibration timed (chosen anew in each process,
+    one whose choice came out otherwise under a moment's load found 8-token trees at twice their calibrated cost)."""
     if not prepacking_available(model):
         return False
-    key = (type(model).__name__, model.config.to_json_string(use_diff=False), tokens, torch.get_num_threads())
-    if key not in _PAYS:
-        _PAYS[key] = _time_forward(model, tokens, packed=False) > PACKING_GAIN * _time_forward(model, tokens, packed=True)
-    return _PAYS[key]
+    key = _choice_key(model, tokens)
+    memo = (torch.get_num_threads(), key)
+    if memo not in _PAYS:
+        choices = _stored_choices()
+        if key not in choices:
+            stock, packed = _time_stock_and_packed(model, tokens)
+            choices = _stored_choices()  # another process may have written meanwhile
+            choices[key] = {"packed": stock > PACKING_GAIN * packed, "stock_seconds": stock, "packed_seconds": packed}
+            _store_choices(choices)
+        _PAYS[memo] = bool(choices[key]["packed"])
+    return _PAYS[memo]
+
+
+def forget_prepacking_choices(model) -> None:
+    """Drop this model's stored kernel choices (on this CPU and thread count): a new calibration times them anew."""
+    prefix = _choice_key(model, 0).rsplit("-", 1)[0] + "-"
+    choices = _stored_choices()
+    _store_choices({key: value for key, value in choices.items() if not key.startswith(prefix)})
+    for memo in [memo for memo in _PAYS if memo[1].startswith(prefix)]:
+        del _PAYS[memo]
+
+
+def _choice_key(model, tokens: int) -> str:
+    """"<config hash>-<tokens>": the file is per CPU model and thread count already."""
+    import hashlib
+
+    config = f"{type(model).__name__} {model.config.to_json_string(use_diff=False)}"
+    return f"{hashlib.sha1(config.encode()).hexdigest()[:12]}-{tokens}"
+
+
+def _choices_path():
+    from hf_specdec.planner.calibration import cpu_name
+    from hf_specdec.planner.storage import cache_dir, slug
+
+    return cache_dir() / "kernels" / f"{slug(cpu_name())}-x{torch.get_num_threads()}.json"
+
+
+def _stored_choices() -> dict:
+    import json
+
+    path = _choices_path()
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or a torn write: measured again
+        return {}
+
+
+def _store_choices(choices: dict) -> None:
+    import json
+
+    path = _choices_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
+    partial.write_text(json.dumps(choices, indent=1, sort_keys=True))
+    partial.replace(path)  # atomic: a reader sees the old file or the new one
+
+
+def _time_stock_and_packed(model, tokens: int, rounds: int = 2) -> tuple[float, float]:
+    """The least seconds of a `tokens`-token forward with stock and with packed weights, timed in alternating rounds
+    (a burst of load then slows one round of each, not all the timings of one)."""
+    stock = packed = float("inf")
+    for _ in range(rounds):
+        stock = min(stock, _time_forward(model, tokens, packed=False))
+        packed = min(packed, _time_forward(model, tokens, packed=True))
+    return stock, packed
 
 
 def _time_forward(model, tokens: int, packed: bool, context: int = 64, repeats: int = 3) -> float:

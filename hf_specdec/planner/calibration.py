@@ -248,6 +248,8 @@ class Calibration:
     shape: ModelShape
     hardware: Hardware
     samples: tuple[Sample, ...]
+    # {new tokens: prepacked linears?} the samples were timed with (`kernel_choices`); None in older caches
+    kernels: dict[int, bool] | None = None
 
     def path(self) -> Path:
         return calibration_path(self.device, self.shape, self.hardware.dtype)
@@ -259,6 +261,7 @@ class Calibration:
             "device": self.device, "model": self.shape.name, "model_key": self.shape.key(),
             "hardware": self.hardware.to_json(),
             "samples": [[s.batch, s.new_tokens, s.context, s.seconds] for s in self.samples],
+            "kernels": None if self.kernels is None else {str(n): packed for n, packed in self.kernels.items()},
         }, indent=1))
         return path
 
@@ -277,20 +280,35 @@ def load_calibration(device: str, shape: ModelShape, dtype: str) -> Calibration 
     if not path.is_file():
         return None
     data = json.loads(path.read_text())
+    kernels = data.get("kernels")
     return Calibration(device, shape, Hardware.from_json(data["hardware"], origin=str(path)),
-                       tuple(Sample(*s) for s in data["samples"]))
+                       tuple(Sample(*s) for s in data["samples"]),
+                       None if kernels is None else {int(n): bool(packed) for n, packed in kernels.items()})
+
+
+def kernel_choices(model, samples) -> dict[int, bool]:
+    """{new tokens: whether the loop's forwards of that many tokens run prepacked linears here} for the samples' token
+    counts (`cpu_kernels.prepacking_pays`, measured once per machine and kept on disk)."""
+    from hf_specdec.backends.cpu_kernels import prepacking_pays
+
+    return {n: prepacking_pays(model, n) for n in sorted({s.new_tokens for s in samples})}
 
 
 def calibrate(model, shape: ModelShape | None = None, grid: Grid = QUICK_GRID, repeats: int = 5,
               progress: bool = True) -> Calibration:
-    """Time `model` on `grid`, fit the latency model and save the result to the cache."""
+    """Time `model` on `grid`, fit the latency model and save the result to the cache. The kernel choices the loop
+    makes from measurements (`cpu_kernels.prepacking_pays`) are timed anew with it: the samples are of those."""
+    from hf_specdec.backends.cpu_kernels import forget_prepacking_choices, prepacking_available
+
+    if prepacking_available(model):
+        forget_prepacking_choices(model)
     shape = shape or shape_from_config(model.config)
     dtype = str(model.dtype).removeprefix("torch.")
     device = device_name(model.device)
     bandwidth = measure_bandwidth(model.device, dtype)
     samples = measure(model, grid, repeats, progress)
     hardware = fit_hardware(f"{device}, calibrated on {shape.name}", shape, dtype, samples, bandwidth)
-    calibration = Calibration(device, shape, hardware, tuple(samples))
+    calibration = Calibration(device, shape, hardware, tuple(samples), kernel_choices(model, samples))
     calibration.save()
     return calibration
 
@@ -313,7 +331,11 @@ def drifted(model, calibration: Calibration) -> bool:
     """Whether this machine no longer runs the calibration's quickest and slowest points as measured: a device name
     ("AMD EPYC x2 threads") covers other machines (a cloud host, another session), a cache may outlive the machine it
     was measured on, and a shared machine's speed drifts by tens of percent within an hour. A few forwards, once per
-    process and model."""
+    process and model. Also where the loop's kernels are no longer those the samples were timed with (a calibration
+    from before kernel choices were kept: its 8-token points were once stock GEMMs at twice the packed ones' cost,
+    and only the ends are timed here)."""
+    if calibration.kernels != kernel_choices(model, calibration.samples):
+        return True
     ends = {min(calibration.samples, key=lambda s: s.seconds), max(calibration.samples, key=lambda s: s.seconds)}
     return any(abs(time_forward(model, s.batch, s.new_tokens, s.context, repeats=CHECK_REPEATS) / s.seconds - 1) > DRIFT
                for s in ends)
