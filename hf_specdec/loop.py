@@ -29,7 +29,7 @@ from hf_specdec.cache_layout import CacheLayout
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.drafting import DraftProbsBuffer, compact_log_probs, make_drafter
 from hf_specdec.limits import check_step_fits
-from hf_specdec.processors import NodeScorer
+from hf_specdec.processors import NodeScorer, prefix_lengths
 from hf_specdec.trees import DraftTree, compact_rows
 from hf_specdec.verification import Verifier, VerifyInputs, rule_for_method
 
@@ -488,11 +488,14 @@ class SpeculativeDecoder:
         vocab = self.target.vocab_size
         if logits.shape[-1] != vocab:
             raise ValueError(f"draft logits have {logits.shape[-1]} entries, the target's vocabulary {vocab}")
+        depths = [tree.depth] * nodes.shape[1]
+        node_prefix_lengths = prefix_lengths(state.host_lengths, depths, logits.device) \
+            if self.scorer.reads_prefix_lengths else None
         capacity = None if tree.draft_probs is None else self.scorer.support_capacity(vocab)  # None: greedy, no top-k
-        top = None if capacity is None else self.scorer.on_top_logits(logits, state.rows, capacity)
+        top = None if capacity is None else self.scorer.on_top_logits(logits, state.rows, capacity, node_prefix_lengths)
         support = getattr(self.draft, "logit_support", None)
         if top is None and support is not None and (capacity is None or capacity > len(support)):
-            scores = self.scorer.on_entries(logits[..., support], state.rows)
+            scores = self.scorer.on_entries(logits[..., support], state.rows, support, node_prefix_lengths)
             if scores is not None:
                 top = scores, support.expand(*scores.shape)
         if top is not None:
@@ -500,7 +503,6 @@ class SpeculativeDecoder:
             logq = scores.log_softmax(-1)
         else:
             path_tokens = tree.path_tokens.gather(1, nodes[..., None].expand(-1, -1, tree.path_tokens.shape[-1]))
-            depths = [tree.depth] * nodes.shape[1]
             scores = self.scorer(logits, out.sequences[state.rows], path_tokens, state.rows, state.host_lengths, depths)
             if capacity is None:
                 logq, token_ids = scores.log_softmax(-1), None

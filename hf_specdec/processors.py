@@ -8,6 +8,7 @@ that node's prefix: the row's committed tokens (left padding included, as in `ge
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from transformers.generation import logits_process as lp
@@ -30,6 +31,31 @@ VALUE_ONLY = _classes(
 
 # processors that look only at the scores: they can run on all nodes at once, whatever their prefixes
 PREFIX_FREE = VALUE_ONLY + _classes("InfNanRemoveLogitsProcessor", "SuppressTokensLogitsProcessor")
+
+# processors that read only how long the prefix is (eos stays at -inf below a minimum length): they run on all nodes
+# at once from each node's prefix length (`suppress_eos`), on the whole vocabulary or on some of its entries
+LENGTH_ONLY = _classes("MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor")
+
+
+def suppress_eos(processor, scores: torch.Tensor, prefix_lengths: torch.Tensor,
+                 token_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """What a `LENGTH_ONLY` processor returns for scores [M, C] of M prefixes of `prefix_lengths` [M] (its
+    input_ids' length, left padding included, as in `generate`), each row at once: eos entries -inf where the prefix
+    is below its minimum. Entry j of a row is token j, or `token_ids[row, j]` for scores of some entries only."""
+    if isinstance(processor, lp.MinNewTokensLengthLogitsProcessor):
+        below = prefix_lengths - processor.prompt_length_to_skip < processor.min_new_tokens
+    else:
+        below = prefix_lengths < processor.min_length
+    if token_ids is None:
+        token_ids = torch.arange(scores.shape[-1], device=scores.device)
+    eos = torch.isin(token_ids, processor.eos_token_id.to(scores.device))
+    return torch.where(eos & below[:, None], -math.inf, scores)
+
+
+def prefix_lengths(lengths: list[int], node_depths: list[int], device) -> torch.Tensor:
+    """[B * n]: the prefix length of node j of row b (its committed length, then the path down to the node), in the
+    order of the flattened [B, n] nodes; built on the host, so copied to the device without a sync."""
+    return torch.tensor([length + depth for length in lengths for depth in node_depths], device=device)
 
 _TOP_GROUP = 32  # entries per group of `top_entries`
 
@@ -99,7 +125,9 @@ class NodeScorer:
                     f"{type(processor).__name__} is not supported by speculative decoding (it does not treat rows as "
                     "independent sequences); remove it or use plain generate()"
                 )
-        self.prefix_free = all(isinstance(p, PREFIX_FREE) for p in self.processors)
+        # no processor reads a prefix's tokens: all nodes are scored at once, whatever their prefixes
+        self.reads_prefix_tokens = not all(isinstance(p, PREFIX_FREE + LENGTH_ONLY) for p in self.processors)
+        self.reads_prefix_lengths = any(isinstance(p, LENGTH_ONLY) for p in self.processors)
 
     def support_capacity(self, vocab_size: int) -> int | None:
         """A number of tokens that holds the support of every processed distribution, when a top-k warper bounds it
@@ -109,49 +137,65 @@ class NodeScorer:
             return None
         return min(vocab_size, 2 * min(top_k) + SUPPORT_MARGIN)
 
-    def on_top_logits(self, logits: torch.Tensor, row_ids: torch.Tensor, capacity: int
-                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def on_top_logits(self, logits: torch.Tensor, row_ids: torch.Tensor, capacity: int,
+                      node_prefix_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The processed scores of each node's `capacity` highest logits, processed on those entries only, and their
         token ids ([B, n, C] each); None where the processors do not allow it. It does when they are all
         `VALUE_ONLY` and only temperatures come before the first top-k warper: the top-k then keeps the same
         tokens as on the whole vocabulary whenever they fit in `capacity` (ties at the k-th score may make more),
         and what follows sees those (a top-p that cuts between tied scores keeps the ones its sort puts last, which
-        may be others here). The full pass of the processors over [B, n, V] becomes one top-k over the logits.
+        may be others here). `LENGTH_ONLY` processors may come anywhere, given the nodes' `node_prefix_lengths`
+        [B * n]: they only remove eos, which leaves the rest of the highest logits the highest. The full pass of the
+        processors over [B, n, V] becomes one top-k over the logits.
         For the draft's q, whose exactness needs no more than recording what it samples from: where more tokens than
         `capacity` tie, q is restricted to `capacity` of them (see `drafting.compact_log_probs`)."""
-        processors = self.processors
+        processors = [p for p in self.processors if not isinstance(p, LENGTH_ONLY)]
         first_top_k = next((i for i, p in enumerate(processors) if isinstance(p, lp.TopKLogitsWarper)), None)
         if first_top_k is None or not all(isinstance(p, VALUE_ONLY) for p in processors):
             return None
         if not all(isinstance(p, lp.TemperatureLogitsWarper) for p in processors[:first_top_k]):
+            return None
+        if self.reads_prefix_lengths and node_prefix_lengths is None:
             return None
         batch, width, vocab = logits.shape
         values, token_ids = top_entries(logits, capacity)
         flat = values.reshape(batch * width, -1)
         rows = torch.arange(batch, device=logits.device).repeat_interleave(width)
         dummy_ids = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=logits.device)
-        return self._apply(dummy_ids, flat, row_ids[rows]).view(batch, width, -1), token_ids
+        scores = self._apply(dummy_ids, flat, row_ids[rows], node_prefix_lengths, token_ids.reshape(flat.shape))
+        return scores.view(batch, width, -1), token_ids
 
-    def on_entries(self, logits: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor | None:
+    def on_entries(self, logits: torch.Tensor, row_ids: torch.Tensor, token_ids: torch.Tensor | None = None,
+                   node_prefix_lengths: torch.Tensor | None = None) -> torch.Tensor | None:
         """The processed scores of logits [B, n, C] that are a model's whole support (its logits elsewhere are -inf,
         e.g. a reduced-vocabulary draft's kept tokens), processed on those entries only; None where the processors
         do not allow it. They do when all are `VALUE_ONLY`: -inf entries stay -inf and weigh nothing in their
         softmax, top-k or top-p, so the scores on the support are those of the whole vocabulary (ties at a top-k or
         top-p threshold may be broken otherwise: for the draft's q, whose exactness needs no more than recording
-        what it samples from)."""
-        if not all(isinstance(p, VALUE_ONLY) for p in self.processors):
+        what it samples from). `LENGTH_ONLY` processors too, given the entries' `token_ids` [C] and the nodes'
+        `node_prefix_lengths` [B * n]."""
+        if not all(isinstance(p, VALUE_ONLY + LENGTH_ONLY) for p in self.processors):
+            return None
+        if self.reads_prefix_lengths and (token_ids is None or node_prefix_lengths is None):
             return None
         batch, width, entries = logits.shape
         if not self.processors:
             return logits
         rows = torch.arange(batch, device=logits.device).repeat_interleave(width)
         dummy_ids = torch.zeros(batch * width, 1, dtype=torch.long, device=logits.device)
-        return self._apply(dummy_ids, logits.reshape(batch * width, entries), row_ids[rows]).view(batch, width, entries)
+        scores = self._apply(dummy_ids, logits.reshape(batch * width, entries), row_ids[rows], node_prefix_lengths,
+                             token_ids)
+        return scores.view(batch, width, entries)
 
-    def _apply(self, input_ids: torch.Tensor, scores: torch.Tensor, row_ids: torch.Tensor) -> torch.Tensor:
+    def _apply(self, input_ids: torch.Tensor, scores: torch.Tensor, row_ids: torch.Tensor,
+               node_prefix_lengths: torch.Tensor | None = None, token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The processors on scores [M, C] (entry j: token j, or `token_ids[..., j]`); `LENGTH_ONLY` ones from
+        `node_prefix_lengths` [M] where given, else from `input_ids` as transformers runs them."""
         for processor in self.processors:
             if type(processor) is lp.TopKLogitsWarper:  # a subclass may compute otherwise
                 scores = top_k_warp(processor, scores)
+            elif isinstance(processor, LENGTH_ONLY) and node_prefix_lengths is not None:
+                scores = suppress_eos(processor, scores, node_prefix_lengths, token_ids)
             else:
                 scores = for_rows(processor, row_ids)(input_ids, scores)
         return scores
@@ -174,9 +218,11 @@ class NodeScorer:
         batch, width, vocab = logits.shape
         flat = logits.reshape(batch * width, vocab)
         rows = torch.arange(batch, device=logits.device).repeat_interleave(width)
-        if self.prefix_free:
+        if not self.reads_prefix_tokens:
             dummy_ids = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=logits.device)
-            return self._apply(dummy_ids, flat, row_ids[rows]).view(batch, width, vocab)
+            node_prefix_lengths = prefix_lengths(lengths, node_depths, logits.device) if self.reads_prefix_lengths \
+                else None
+            return self._apply(dummy_ids, flat, row_ids[rows], node_prefix_lengths).view(batch, width, vocab)
         groups: dict[int, list[int]] = {}
         for b, length in enumerate(lengths):
             for n, depth in enumerate(node_depths):

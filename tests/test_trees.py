@@ -307,6 +307,49 @@ def test_on_entries_processes_a_reduced_vocabulary_as_the_whole():
         assert NodeScorer(lp.LogitsProcessorList(processors)).on_entries(logits[..., kept], rows) is None
 
 
+def test_length_processors_score_every_node_as_generate():
+    """Min-length processors read only a prefix's length: every node is scored at once from its prefix length (row
+    length, left padding included, plus depth), with the scores transformers gives that node's own input_ids; on the
+    highest logits and on a reduced vocabulary's entries as on the whole vocabulary; eos ids anywhere among them."""
+    from transformers.generation import logits_process as lp
+
+    from hf_specdec.processors import NodeScorer, prefix_lengths
+
+    generator = torch.Generator().manual_seed(9)
+    batch, width, vocab = 3, 4, 4096
+    lengths, depths = [10, 12, 14], [0, 1, 1, 2]
+    logits = torch.randn(batch, width, vocab, generator=generator) * 4
+    eos = [int(logits[0, 0].argmax()), 77, vocab - 1]  # one of them the highest logit of a node
+    lists = [
+        [lp.MinNewTokensLengthLogitsProcessor(9, 4, eos), lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(50)],
+        [lp.MinLengthLogitsProcessor(13, eos), lp.TopKLogitsWarper(20)],
+        [lp.TopKLogitsWarper(30), lp.MinNewTokensLengthLogitsProcessor(9, 5, eos[:1])],
+    ]
+    rows = torch.arange(batch)
+    node_lengths = prefix_lengths(lengths, depths, "cpu")
+    for processors in lists:
+        scorer = NodeScorer(lp.LogitsProcessorList(processors))
+        assert not scorer.reads_prefix_tokens and scorer.reads_prefix_lengths
+        scores = scorer(logits, None, None, rows, lengths, depths)
+        for b in range(batch):
+            for n in range(width):
+                input_ids = torch.zeros(1, lengths[b] + depths[n], dtype=torch.long)  # only its length is read
+                expected = lp.LogitsProcessorList(processors)(input_ids, logits[b, n][None].clone())[0]
+                assert torch.equal(scores[b, n], expected), (b, n)
+        top, token_ids = scorer.on_top_logits(logits, rows, scorer.support_capacity(vocab), node_lengths)
+        assert torch.equal(top, scores.gather(-1, token_ids))
+        assert (torch.isfinite(top).sum(-1) == torch.isfinite(scores).sum(-1)).all()
+        assert scorer.on_top_logits(logits, rows, scorer.support_capacity(vocab)) is None  # lengths needed
+    kept = torch.cat([torch.tensor(eos), torch.randperm(vocab - 100, generator=generator)[:200] + 80]).unique()
+    reduced = torch.full_like(logits, float("-inf"))
+    reduced[..., kept] = logits[..., kept]
+    scorer = NodeScorer(lp.LogitsProcessorList([lp.MinNewTokensLengthLogitsProcessor(9, 4, eos),
+                                                lp.TemperatureLogitsWarper(0.7)]))
+    dense = scorer(reduced, None, None, rows, lengths, depths)
+    assert torch.equal(scorer.on_entries(reduced[..., kept], rows, kept, node_lengths), dense[..., kept])
+    assert scorer.on_entries(reduced[..., kept], rows) is None
+
+
 def test_top_entries_is_a_top_k():
     from hf_specdec.processors import top_entries
 
