@@ -37,6 +37,10 @@ PREFIX_FREE = VALUE_ONLY + _classes("InfNanRemoveLogitsProcessor", "SuppressToke
 LENGTH_ONLY = _classes("MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor")
 
 
+def _length_only(processor) -> bool:
+    return type(processor) in LENGTH_ONLY  # not a subclass: it may read more than the length
+
+
 def suppress_eos(processor, scores: torch.Tensor, prefix_lengths: torch.Tensor,
                  token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """What a `LENGTH_ONLY` processor returns for scores [M, C] of M prefixes of `prefix_lengths` [M] (its
@@ -126,8 +130,8 @@ class NodeScorer:
                     "independent sequences); remove it or use plain generate()"
                 )
         # no processor reads a prefix's tokens: all nodes are scored at once, whatever their prefixes
-        self.reads_prefix_tokens = not all(isinstance(p, PREFIX_FREE + LENGTH_ONLY) for p in self.processors)
-        self.reads_prefix_lengths = any(isinstance(p, LENGTH_ONLY) for p in self.processors)
+        self.reads_prefix_tokens = not all(isinstance(p, PREFIX_FREE) or _length_only(p) for p in self.processors)
+        self.reads_prefix_lengths = any(_length_only(p) for p in self.processors)
 
     def support_capacity(self, vocab_size: int) -> int | None:
         """A number of tokens that holds the support of every processed distribution, when a top-k warper bounds it
@@ -149,7 +153,7 @@ class NodeScorer:
         processors over [B, n, V] becomes one top-k over the logits.
         For the draft's q, whose exactness needs no more than recording what it samples from: where more tokens than
         `capacity` tie, q is restricted to `capacity` of them (see `drafting.compact_log_probs`)."""
-        processors = [p for p in self.processors if not isinstance(p, LENGTH_ONLY)]
+        processors = [p for p in self.processors if not _length_only(p)]
         first_top_k = next((i for i, p in enumerate(processors) if isinstance(p, lp.TopKLogitsWarper)), None)
         if first_top_k is None or not all(isinstance(p, VALUE_ONLY) for p in processors):
             return None
@@ -174,7 +178,7 @@ class NodeScorer:
         top-p threshold may be broken otherwise: for the draft's q, whose exactness needs no more than recording
         what it samples from). `LENGTH_ONLY` processors too, given the entries' `token_ids` [C] and the nodes'
         `node_prefix_lengths` [B * n]."""
-        if not all(isinstance(p, VALUE_ONLY + LENGTH_ONLY) for p in self.processors):
+        if not all(isinstance(p, VALUE_ONLY) or _length_only(p) for p in self.processors):
             return None
         if self.reads_prefix_lengths and (token_ids is None or node_prefix_lengths is None):
             return None
@@ -194,7 +198,7 @@ class NodeScorer:
         for processor in self.processors:
             if type(processor) is lp.TopKLogitsWarper:  # a subclass may compute otherwise
                 scores = top_k_warp(processor, scores)
-            elif isinstance(processor, LENGTH_ONLY) and node_prefix_lengths is not None:
+            elif _length_only(processor) and node_prefix_lengths is not None:
                 scores = suppress_eos(processor, scores, node_prefix_lengths, token_ids)
             else:
                 scores = for_rows(processor, row_ids)(input_ids, scores)
