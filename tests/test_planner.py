@@ -489,6 +489,12 @@ def test_loop_cost_is_measured_once_with_near_free_stand_ins(kind, tmp_path, mon
 
     monkeypatch.setattr(loop_cost_module, "measure_loop_cost", measured_again)
     assert loop_cost_module.loop_cost(target, draft, 2, Sampling(), progress=False) == cost
+    monkeypatch.setattr(loop_cost_module, "_LOADED", {})  # another process: read back from the cache
+    assert loop_cost_module.loop_cost(target, draft, 2, Sampling(), progress=False) == cost
+    monkeypatch.setattr(loop_cost_module, "_LOADED", {})
+    monkeypatch.setattr(loop_cost_module, "loop_code_fingerprint", lambda: "another loop")  # a new release's loop
+    with pytest.raises(RuntimeError, match="measured again"):
+        loop_cost_module.loop_cost(target, draft, 2, Sampling(), progress=False)
     for batch, sampling in ((2, Sampling.greedy()), (1, Sampling())):  # another setting is another measurement
         with pytest.raises(RuntimeError, match="measured again"):
             loop_cost_module.loop_cost(target, draft, batch, sampling, progress=False)

@@ -38,6 +38,23 @@ TERMS = ("per step", "per draft pass", "per drafted node", "per scored token", "
 DESIGN = ("sd:l=1", "sd:l=4", "sd:l=8", "rsd-c:b=4-1", "rsd-c:b=2-2-1-1", "rsd-s:w=2,d=4", "rsd-s:w=4,d=8",
           "spectr:k=2,l=4", "spectr:k=4,l=8")
 FORMAT = 2
+# the modules whose code a step runs besides the two models' forwards: a measurement cached by other code is stale
+LOOP_MODULES = ("loop.py", "generation.py", "processors.py", "drafting.py", "trees.py", "verification.py",
+                "verify_batched.py", "cache_layout.py", "backends/hf.py", "backends/cpu_kernels.py")
+
+
+def loop_code_fingerprint() -> str:
+    """A short hash of `LOOP_MODULES`' source: a cached loop cost measured another release's loop (a faster
+    verifier, other processors) is measured again rather than charged to this one."""
+    import hashlib
+
+    import hf_specdec
+
+    root = Path(hf_specdec.__file__).parent
+    digest = hashlib.sha1()
+    for name in LOOP_MODULES:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -98,7 +115,7 @@ class LoopCost:
         return float(terms(config, self.do_sample) @ np.array(self.coefficients))
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, **dataclasses.asdict(self)}
+        return {"format": FORMAT, "code": loop_code_fingerprint(), **dataclasses.asdict(self)}
 
     @classmethod
     def from_json(cls, data: dict) -> "LoopCost":
@@ -171,11 +188,12 @@ _LOADED: dict[Path, LoopCost] = {}  # read (or measured) once per process
 
 
 def loop_cost(target_model, draft_model, batch: int, sampling: Sampling, progress: bool = True) -> LoopCost:
-    """The cached measurement for this pair's kind, device, batch size and sampling settings; measured on first use."""
+    """The cached measurement for this pair's kind, device, batch size and sampling settings; measured on first use,
+    and again when the loop's code has changed since (`loop_code_fingerprint`)."""
     path = loop_cost_path(target_model, draft_model, batch, sampling)
     if path not in _LOADED:
         data = json.loads(path.read_text()) if path.is_file() else {}
-        if data.get("format") == FORMAT:
+        if data.get("format") == FORMAT and data.get("code") == loop_code_fingerprint():
             _LOADED[path] = LoopCost.from_json(data)
         else:
             _LOADED[path] = measure_loop_cost(target_model, draft_model, batch, sampling, progress=progress)
