@@ -41,15 +41,15 @@ def _length_only(processor) -> bool:
     return type(processor) in LENGTH_ONLY  # not a subclass: it may read more than the length
 
 
-def suppress_eos(processor, scores: torch.Tensor, prefix_lengths: torch.Tensor,
+def suppress_eos(processor, scores: torch.Tensor, node_prefix_lengths: torch.Tensor,
                  token_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """What a `LENGTH_ONLY` processor returns for scores [M, C] of M prefixes of `prefix_lengths` [M] (its
+    """What a `LENGTH_ONLY` processor returns for scores [M, C] of M prefixes of `node_prefix_lengths` [M] (its
     input_ids' length, left padding included, as in `generate`), each row at once: eos entries -inf where the prefix
     is below its minimum. Entry j of a row is token j, or `token_ids[row, j]` for scores of some entries only."""
     if isinstance(processor, lp.MinNewTokensLengthLogitsProcessor):
-        below = prefix_lengths - processor.prompt_length_to_skip < processor.min_new_tokens
+        below = node_prefix_lengths - processor.prompt_length_to_skip < processor.min_new_tokens
     else:
-        below = prefix_lengths < processor.min_length
+        below = node_prefix_lengths < processor.min_length
     if token_ids is None:
         token_ids = torch.arange(scores.shape[-1], device=scores.device)
     eos = torch.isin(token_ids, processor.eos_token_id.to(scores.device))

@@ -17,6 +17,8 @@ as it was.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 
 import torch
@@ -70,7 +72,7 @@ def prepacking_pays(model, tokens: int) -> bool:
 
 def forget_prepacking_choices(model) -> None:
     """Drop this model's stored kernel choices (on this CPU and thread count): a new calibration times them anew."""
-    prefix = _choice_key(model, 0).rsplit("-", 1)[0] + "-"
+    prefix = f"{_config_hash(model)}-"
     choices = _stored_choices()
     _store_choices({key: value for key, value in choices.items() if not key.startswith(prefix)})
     for memo in [memo for memo in _PAYS if memo[1].startswith(prefix)]:
@@ -79,10 +81,12 @@ def forget_prepacking_choices(model) -> None:
 
 def _choice_key(model, tokens: int) -> str:
     """"<config hash>-<tokens>": the file is per CPU model and thread count already."""
-    import hashlib
+    return f"{_config_hash(model)}-{tokens}"
 
+
+def _config_hash(model) -> str:
     config = f"{type(model).__name__} {model.config.to_json_string(use_diff=False)}"
-    return f"{hashlib.sha1(config.encode()).hexdigest()[:12]}-{tokens}"
+    return hashlib.sha1(config.encode()).hexdigest()[:12]
 
 
 def _choices_path():
@@ -93,8 +97,6 @@ def _choices_path():
 
 
 def _stored_choices() -> dict:
-    import json
-
     path = _choices_path()
     try:
         return json.loads(path.read_text())
@@ -103,8 +105,6 @@ def _stored_choices() -> dict:
 
 
 def _store_choices(choices: dict) -> None:
-    import json
-
     path = _choices_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(f".{os.getpid()}.tmp")
