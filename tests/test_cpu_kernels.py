@@ -34,6 +34,8 @@ def _lora_style_update(model, how: str) -> None:
     delta = 0.5 * torch.randn_like(linear.weight)
     if how == "data +=":
         linear.weight.data += delta
+    elif how == "data rows swapped":  # same values, so the same sum: only their places change
+        linear.weight.data[[0, 1]] = linear.weight.data[[1, 0]].clone()
     elif how == "data =":
         linear.weight.data = linear.weight.data + delta
     elif how == "load_state_dict":
@@ -52,7 +54,7 @@ def _lora_style_update(model, how: str) -> None:
         raise ValueError(how)
 
 
-@pytest.mark.parametrize("how", ["data +=", "data =", "load_state_dict", "no_grad in place", "module swap"])
+@pytest.mark.parametrize("how", ["data +=", "data rows swapped", "data =", "load_state_dict", "no_grad in place", "module swap"])
 def test_weights_changed_between_calls_are_seen(how, monkeypatch):
     """A packed copy never outlives its weight's values: after an update, speculative output still equals plain."""
     import hf_specdec.strategy
@@ -72,6 +74,32 @@ def test_weights_changed_between_calls_are_seen(how, monkeypatch):
     reference = target.generate(ids, **kwargs)
     assert not torch.equal(reference, before), "the update should change the output"
     assert torch.equal(target.generate(ids, **kwargs, **speculative), reference)
+
+
+def test_packed_copies_are_kept_between_calls_while_their_weights_stay(monkeypatch):
+    """Packing happens once per weight, not once per call; a changed weight is packed again, and only it."""
+    from hf_specdec.backends import cpu_kernels
+
+    packed = []
+    original = cpu_kernels.packed_weight
+    monkeypatch.setattr(cpu_kernels, "packed_weight", lambda weight: packed.append(weight) or original(weight))
+    model = tiny_model("llama", vocab_size=96)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    ids = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        for _ in range(2):
+            with packed_linears(model):
+                model(ids)
+        assert len(packed) == len(linears)
+        linears[0].weight.data[0, 0] += 1.0
+        with packed_linears(model):
+            after = model(ids).logits
+        assert len(packed) == len(linears) + 1 and packed[-1] is linears[0].weight
+        torch.testing.assert_close(after, model(ids).logits, atol=1e-5, rtol=1e-5)
+        cpu_kernels.forget_packed_weights(model)
+        with packed_linears(model):
+            model(ids)
+    assert len(packed) == 2 * len(linears) + 1
 
 
 def test_disabled_by_environment(monkeypatch):
