@@ -224,6 +224,7 @@ def speculative_generate(
     config = _resolve_config(requested, model, draft_model, batch_size, input_ids.shape[1], generation_config)
     if config.method == "ar" and requested.method == "auto":
         # nothing is predicted to beat plain decoding: run it, in transformers' own loop, so that auto costs nothing
+        # (with the one-token kernels measured fastest here, which the planner's baseline is)
         return _plain_generate(model, draft_model, input_ids, logits_processor, stopping_criteria, generation_config,
                                speculative_streamer, model_kwargs)
     target, draft = HFBackend(model, "target"), HFBackend(draft_model, "draft") if config.is_speculative else None
@@ -279,13 +280,14 @@ def _plain_generate(model, draft_model, input_ids, logits_processor, stopping_cr
     start = time.perf_counter()
     if streamer is not None:  # generate() puts the prompt before it calls a strategy; it has not for this one
         streamer.put(input_ids.cpu())
-    out = model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
-                        generation_config=generation_config, synced_gpus=False, streamer=streamer, **model_kwargs)
+    with packed_linears(model, prepacking_pays(model, 1)):
+        out = model._sample(input_ids, logits_processor=logits_processor, stopping_criteria=stopping_criteria,
+                            generation_config=generation_config, synced_gpus=False, streamer=streamer, **model_kwargs)
     sequences = out if isinstance(out, torch.Tensor) else out.sequences
     batch, steps = sequences.shape[0], sequences.shape[1] - input_ids.shape[1]
     if model.device.type == "cuda":
         torch.cuda.synchronize(model.device)
-    if steps:  # what plain decoding costs per token here, as a user runs it: auto compares trees with it
+    if steps:  # what plain decoding costs per token here, as auto runs it: auto compares trees with it
         record_step_time(model, draft_model, PLAIN, (time.perf_counter() - start) / steps, batch)
     if not generation_config.return_dict_in_generate:
         return out

@@ -25,11 +25,8 @@ def _private_cache(tmp_path_factory):
 @pytest.fixture
 def free_loop(monkeypatch):
     """The planner sees a speculative loop that costs nothing besides the forwards (tests of the latency model and of
-    the step corrections, whose fake hardware makes tiny models' forwards far cheaper than any real loop), and plain
-    generate's forward costs what the calibration's does (its stock-against-prepacked timing, taken on a busy CPU,
-    could tip a choice)."""
-    from hf_specdec.planner import calibration, loop_cost
+    the step corrections, whose fake hardware makes tiny models' forwards far cheaper than any real loop)."""
+    from hf_specdec.planner import loop_cost
     from hf_specdec.planner.loop_cost import TERMS, LoopCost
 
     monkeypatch.setattr(loop_cost, "loop_cost", lambda *args, **kwargs: LoopCost((0.0,) * len(TERMS), 0.0))
-    monkeypatch.setattr(calibration, "plain_forward_scale", lambda model: 1.0)

@@ -8,6 +8,7 @@ from tiny_models import character_tokenizer, left_padded_prompts, perturbed_copy
 from transformers import GenerationConfig, StopStringCriteria, StoppingCriteriaList
 
 from hf_specdec import speculative_generate
+from hf_specdec.backends.cpu_kernels import prepacking_available
 
 METHODS = ["sd:l=3", "spectr:k=2,l=3", "rsd-c:b=2-2-1", "rsd-s:w=3,d=3"]
 
@@ -203,17 +204,24 @@ def test_auto_asks_the_planner_and_records_acceptance(pair, monkeypatch, tmp_pat
     assert torch.equal(second.sequences, first.sequences)
 
 
+@pytest.mark.parametrize("packing_pays", [False, True])
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_auto_runs_plain_generate_when_no_tree_pays(pair, monkeypatch, do_sample):
-    """When the planner predicts no tree beats plain decoding, `auto` runs transformers' own loop: the very same
-    tokens as plain generate, sampled ones included (same seed), and none of the speculative loop."""
+def test_auto_runs_plain_generate_when_no_tree_pays(pair, monkeypatch, do_sample, packing_pays):
+    """When the planner predicts no tree beats plain decoding, `auto` runs transformers' own loop (on prepacked
+    weights where they measured faster for one token, as the planner's baseline assumes): the same tokens as plain
+    generate, sampled ones included (same seed), and none of the speculative loop."""
     import hf_specdec.planner
     import hf_specdec.strategy
+    from hf_specdec.backends import cpu_kernels
     from hf_specdec.config import SpeculativeConfig
 
     target, draft = pair
     monkeypatch.setattr(hf_specdec.planner, "choose_config", lambda *args, **kwargs: SpeculativeConfig.ar())
     monkeypatch.setattr(hf_specdec.strategy, "make_decoder", None)  # the speculative loop must not be built
+    monkeypatch.setattr(hf_specdec.strategy, "prepacking_pays", lambda model, tokens: packing_pays and tokens == 1)
+    packed = []
+    kept_packed_weight = cpu_kernels.kept_packed_weight
+    monkeypatch.setattr(cpu_kernels, "kept_packed_weight", lambda module: packed.append(module) or kept_packed_weight(module))
     prompt = torch.tensor([[1, 40, 41]])
     torch.manual_seed(3)
     reference = target.generate(prompt, do_sample=do_sample, max_new_tokens=20, pad_token_id=0)
@@ -223,6 +231,7 @@ def test_auto_runs_plain_generate_when_no_tree_pays(pair, monkeypatch, do_sample
                           speculative_streamer=recorder, **speculative(draft, "auto"))
     assert torch.equal(out.sequences, reference)
     assert out.speculative_stats.config.startswith("ar (plain generate")
+    assert bool(packed) == (packing_pays and prepacking_available(target))
     # the streamer sees the prompt first, then each token, as with plain generate(streamer=...)
     assert recorder.chunks[0] == prompt[0].tolist() and recorder.ended
     assert sum(recorder.chunks[1:], []) == reference[0, 3:].tolist()

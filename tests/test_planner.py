@@ -444,9 +444,6 @@ def test_the_loop_cost_is_charged_per_step_and_to_plain_decoding():
     assert charged.seconds == pytest.approx(bare.seconds + 1e-3)
     assert charged.baseline_seconds == pytest.approx(bare.baseline_seconds + 2e-4)
     assert charged.normalized_by_group()["loop"] == pytest.approx(1e-3 / charged.baseline_seconds)
-    stock = estimate_config(target, 1, 256, config, acceptance, loop=loop, plain_scale=1.5)  # plain generate's kernels
-    assert stock.baseline_seconds == pytest.approx(1.5 * bare.baseline_seconds + 2e-4)
-    assert stock.seconds == charged.seconds and stock.speedup > charged.speedup
     slow_loop = LoopCost((0.0, 0.0, 0.0, 0.0, 0.1, 0.0), 0.0)  # 100 ms per verification walk step
     assert rank(target, 1, 256, acceptance, candidates=[config, SpeculativeConfig.parse("sd:l=2")],
                 loop=slow_loop)[0].config == SpeculativeConfig.parse("sd:l=2")

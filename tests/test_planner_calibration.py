@@ -103,21 +103,6 @@ def test_a_calibration_timed_with_other_kernels_is_measured_again(tiny_model, mo
     assert drifted(tiny_model, measured)
 
 
-def test_plain_forward_scale_compares_the_kernels_plain_generate_runs(tiny_model, monkeypatch):
-    """Plain `generate` runs stock linear kernels; the calibration timed the loop's (prepacked where that pays): the
-    baseline is scaled by stock / packed where packing pays at one token, else left alone."""
-    from hf_specdec.backends import cpu_kernels
-    from hf_specdec.planner import calibration as calibration_module
-
-    monkeypatch.setattr(calibration_module, "_PLAIN_SCALE", {})
-    monkeypatch.setattr(cpu_kernels, "prepacking_pays", lambda model, tokens: True)
-    monkeypatch.setattr(calibration_module, "time_forward", lambda model, *args, packed, **kwargs: 3.0 if packed else 4.5)
-    assert calibration_module.plain_forward_scale(tiny_model) == pytest.approx(1.5)
-    monkeypatch.setattr(calibration_module, "_PLAIN_SCALE", {})
-    monkeypatch.setattr(cpu_kernels, "prepacking_pays", lambda model, tokens: False)
-    assert calibration_module.plain_forward_scale(tiny_model) == 1.0
-
-
 def test_time_forward_runs_a_cached_tree_step(tiny_model):
     assert 0 < time_forward(tiny_model, batch=2, new_tokens=3, context=16, repeats=1) < 5
 

@@ -59,7 +59,6 @@ def choose_config(target_model, draft_model, batch_size: int, context_length: in
     recorded for the pair: then the most promising tree runs once to measure it.
     """
     from hf_specdec.planner.acceptance import CONSERVATIVE_DEFAULT, pair_acceptance
-    from hf_specdec.planner.calibration import plain_forward_scale
     from hf_specdec.planner.loop_cost import loop_cost
     from hf_specdec.planner.planning import rank
     from hf_specdec.planner.step_times import corrected, measured_step_times
@@ -67,8 +66,7 @@ def choose_config(target_model, draft_model, batch_size: int, context_length: in
     target, draft = _latency_model(target_model), _latency_model(draft_model)
     loop = loop_cost(target_model, draft_model, batch_size, _sampling(sampling, temperature))
     acceptance = pair_acceptance(target_model, draft_model, temperature)
-    ranked = rank(target, batch_size, context_length, acceptance, draft, candidates, loop,
-                  plain_forward_scale(target_model))
+    ranked = rank(target, batch_size, context_length, acceptance, draft, candidates, loop)
     # what steps really took here corrects the latency model (step_times.py)
     ranked = corrected(ranked, measured_step_times(target_model, draft_model, batch_size))
     if acceptance is CONSERVATIVE_DEFAULT and ranked and ranked[0].speedup >= EXPLORE_ABOVE:

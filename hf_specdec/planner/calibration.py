@@ -354,22 +354,6 @@ def calibrated_hardware(model, grid: Grid = QUICK_GRID, progress: bool = False) 
     return _CHECKED[path].hardware
 
 
-_PLAIN_SCALE: dict[Path, float] = {}
-
-
-def plain_forward_scale(model) -> float:
-    """How much slower a one-token forward runs as plain `generate` runs it (stock linear kernels) than as the
-    calibration timed it (the loop's kernels: prepacked where that pays, `cpu_kernels`): 1 where they are the same.
-    Timed once per process and model."""
-    from hf_specdec.backends.cpu_kernels import prepacking_pays
-
-    path = calibration_path(*_model_key(model))
-    if path not in _PLAIN_SCALE:
-        _PLAIN_SCALE[path] = (time_forward(model, 1, 1, 128, packed=False) / time_forward(model, 1, 1, 128, packed=True)
-                              if prepacking_pays(model, 1) else 1.0)
-    return _PLAIN_SCALE[path]
-
-
 # ------------------------------------------------------------------ predictions that meet the measurements
 def _interpolate(grid: list[float], values: list[float], x: float) -> float:
     """Piecewise-linear in `grid` (sorted), constant beyond its ends."""

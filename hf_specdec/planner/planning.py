@@ -65,9 +65,8 @@ class StepEstimate:
 
 def estimate(target: LatencyModel, batch: int, context: int, candidates: int, block_efficiency: float,
              config: SpeculativeConfig | None = None, draft: LatencyModel | None = None,
-             loop: LoopCost | None = None, plain_scale: float = 1.0) -> StepEstimate:
-    """`plain_scale`: plain decoding's one-token forward relative to the target's modelled one (the kernels plain
-    `generate` runs can differ from the loop's: `calibration.plain_forward_scale`)."""
+             loop: LoopCost | None = None) -> StepEstimate:
+    """The baseline is plain decoding as `auto` runs it: transformers' loop on the kernels the calibration timed."""
     draft_seconds = 0.0
     if draft is not None and config is not None:
         draft_seconds = sum(draft.seconds(batch, tokens, context) for tokens in draft_pass_tokens(config))
@@ -78,16 +77,16 @@ def estimate(target: LatencyModel, batch: int, context: int, candidates: int, bl
         block_efficiency=block_efficiency,
         target_seconds=target.forward(batch, candidates, context),
         draft_seconds=draft_seconds,
-        baseline_seconds=plain_scale * target.seconds(batch, 1, context) + (loop.plain_seconds if loop else 0.0),
+        baseline_seconds=target.seconds(batch, 1, context) + (loop.plain_seconds if loop else 0.0),
         loop_seconds=loop.seconds(config) if loop is not None and config is not None else 0.0,
     )
 
 
 def estimate_config(target: LatencyModel, batch: int, context: int, config: SpeculativeConfig,
                     acceptance: AcceptanceModel, draft: LatencyModel | None = None,
-                    loop: LoopCost | None = None, plain_scale: float = 1.0) -> StepEstimate:
+                    loop: LoopCost | None = None) -> StepEstimate:
     return estimate(target, batch, context, config.tree_size + 1, acceptance.block_efficiency(config), config, draft,
-                    loop, plain_scale)
+                    loop)
 
 
 def estimate_candidates(target: LatencyModel, batch: int, context: int, candidates: int,
@@ -120,9 +119,9 @@ def growth_threshold(estimate: StepEstimate) -> float:
 
 def rank(target: LatencyModel, batch: int, context: int, acceptance: AcceptanceModel,
          draft: LatencyModel | None = None, candidates: list[SpeculativeConfig] | None = None,
-         loop: LoopCost | None = None, plain_scale: float = 1.0) -> list[StepEstimate]:
+         loop: LoopCost | None = None) -> list[StepEstimate]:
     """Every candidate shape's estimate, best predicted speedup first."""
     shapes = default_candidates() if candidates is None else candidates
-    estimates = [estimate_config(target, batch, context, c, acceptance, draft, loop, plain_scale) for c in shapes
+    estimates = [estimate_config(target, batch, context, c, acceptance, draft, loop) for c in shapes
                  if c.is_speculative]
     return sorted(estimates, key=lambda e: e.speedup, reverse=True)

@@ -3,7 +3,7 @@
 The latency model predicts a step from a roofline fit of the target's and the draft's forwards plus the loop's own work
 measured with near-free stand-ins (loop_cost.py); what that misses (kernel effects the fit does not capture, the real
 draft's bookkeeping) shows in the step. Every speculative run records what a step really took (seconds per target call,
-everything but the prefill), and every plain `generate` that `auto` chose what a token took, as a user runs it. The
+everything but the prefill), and every plain decoding that `auto` chose what a token took, as it runs it. The
 planner then predicts each shape's step as the model's prediction times the measured-to-predicted ratio (the shape's
 own, or the median over the shapes measured at this batch size) and divides by the measured plain token where there is
 one.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from hf_specdec.planner.storage import cache_dir, weights_fingerprint
 
-PLAIN = "plain generate"
+PLAIN = "plain decoding"  # as auto runs it (with the calibrated kernels; records of stock runs named otherwise)
 
 
 def step_times_path(target_model, draft_model) -> Path:
@@ -27,7 +27,7 @@ def step_times_path(target_model, draft_model) -> Path:
 
 
 def record_step_time(target_model, draft_model, config: str, seconds: float, batch: int) -> None:
-    """One run's seconds per step (`config` = PLAIN: per token of plain generate)."""
+    """One run's seconds per step (`config` = PLAIN: per token of auto's plain decoding)."""
     if not seconds > 0:
         return
     path = step_times_path(target_model, draft_model)
