@@ -1,6 +1,7 @@
 """End to end through generate(): sampling with the verifier on the compact vocabulary (`compact_vocabulary`, forced
-on even where the vocabulary is tiny) still follows the target's exact distribution (the chi-square test of
-tests/test_exactness.py), under top-k (the drafters then sample on q's support only) and without it."""
+on even where the vocabulary is tiny: the union of p's and q's supports, or q's support with p's lumped rest) still
+follows the target's exact distribution (the chi-square test of tests/test_exactness.py), under top-k (the drafters
+then sample on q's support only) and without it."""
 
 from __future__ import annotations
 
@@ -17,14 +18,15 @@ from hf_specdec.verify_batched import verify_tree_batched
 CALLS = []
 
 
-def compact_verifier(inputs):
-    CALLS.append(inputs.rule)
-    return verify_tree_batched(inputs, compact=True)
-
-
+@pytest.mark.parametrize("compact", [True, "lumped"])
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("config", ["sd:l=3", "spectr:k=4,l=3", "rsd-c:b=3-2-1", "rsd-s:w=4,d=3"])
-def test_compact_verification_matches_target_distribution(pairs, pytorch_sample, monkeypatch, config, setting):
+def test_compact_verification_matches_target_distribution(pairs, pytorch_sample, monkeypatch, config, setting,
+                                                          compact):
+    def compact_verifier(inputs):
+        CALLS.append(inputs.rule)
+        return verify_tree_batched(inputs, compact=compact)
+
     monkeypatch.setattr(generation, "default_verifier", lambda device: compact_verifier)
     temperature, top_k, draft = SETTINGS[setting]
     target, _ = pairs[draft]

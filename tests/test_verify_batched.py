@@ -442,11 +442,16 @@ def dense(case: dict) -> VerifyResult:
     return verify_tree_batched(VerifyInputs(**case), compact=False)
 
 
+def lumped(case: dict) -> VerifyResult:
+    return verify_tree_batched(VerifyInputs(**case), compact="lumped")
+
+
 def check_compaction(case: dict) -> VerifyResult:
-    """The compact verification (forced) gives the dense one's and the reference's results."""
+    """Both compact verifications (forced) give the dense one's and the reference's results."""
     expected = reference(case)
     assert_same(expected, dense(case), case)
     assert_same(expected, compacted(case), case)
+    assert_same(expected, lumped(case), case)
     return expected
 
 
@@ -543,6 +548,34 @@ def test_compact_spectr_rho_is_the_dense_one_up_to_summation_order():
     assert (rho - small_rho).abs().max() < 1e-9 and (beta - small_beta).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("rule", ["rrs", "spectr"])
+def test_lumped_compaction_where_p_is_nonzero_everywhere(rule, monkeypatch):
+    """Sampling without top-k: p is nonzero on the whole vocabulary, q on a draft's kept tokens or its top-k only.
+    The union of the supports is the vocabulary; the default verifies SpecTr on q's support plus p's lumped rest,
+    with the reference's tokens, and on the whole vocabulary where q's support is wide too (RRS always: see
+    `verify_tree_batched`). (The residual's totals are sums
+    in another order than the reference's, so a uniform within a few ulps of one of its CDF steps may go the other
+    way, as the numerics allow.)"""
+    import hf_specdec.verify_batched as verify_batched
+
+    ran = []
+    lumped_path = verify_batched._verify_lumped
+    monkeypatch.setattr(verify_batched, "_verify_lumped", lambda *args: ran.append(1) or lumped_path(*args))
+    generator = torch.Generator().manual_seed(970 + ("rrs", "spectr").index(rule))
+    vocab = 512
+    for round_ in range(16):
+        case = random_case(rule, batch=6, vocab=vocab, max_nodes=14, generator=generator)
+        q = case["draft_probs"]
+        kept = 8 if round_ % 4 else vocab  # a top-k or reduced-vocabulary draft; the last: q everywhere too
+        q = torch.where(q >= q.topk(kept, -1).values[..., -1:], q, 0.0)
+        case["draft_probs"] = q / q.sum(-1, keepdim=True)
+        case = with_any_tokens(case, generator) if round_ % 2 else case
+        ran.clear()
+        check(case)
+        assert ran == ([1] if kept < vocab and rule == "spectr" else []), "lumped where it pays, else dense"
+        assert_same(reference(case), lumped(case), case)
+
+
 def test_compaction_when_every_residual_is_zero():
     """p == q at every node: every rejection leaves (p - q)+ = 0 (Theta is kept), and tokens outside the support
     (q = 0 there, never accepted) are candidates too; the next token comes from the kept Theta."""
@@ -603,9 +636,9 @@ def test_compact_vocabulary_layout():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_support_bounds_count_the_positive_entries(dtype):
-    """The compact width's bound: per node, the entries > 0 of p (subnormals and exact ones included) plus those of q
-    where the node has children; q's garbage elsewhere (NaN, inf, negative, above one) is not read; a NaN in p
-    bounds by the whole vocabulary (nothing is compacted away)."""
+    """The compact widths' bounds: per node, the entries > 0 of p (subnormals and exact ones included) plus those of
+    q where the node has children, and q's alone there; q's garbage elsewhere (NaN, inf, negative, above one) is not
+    read; a NaN bounds by the whole vocabulary (nothing is compacted away)."""
     from hf_specdec.verify_batched import _support_bounds
 
     generator = torch.Generator().manual_seed(7)
@@ -619,12 +652,17 @@ def test_support_bounds_count_the_positive_entries(dtype):
     has_children[0, 1], has_children[1, 1] = True, False
     garbage = torch.tensor([float("nan"), float("inf"), -5.0, 3.7], dtype=dtype)
     q[1, 1, :4] = garbage  # a node without children
-    expected = (p > 0).sum(-1) + torch.where(has_children, (q > 0).sum(-1), 0)
-    assert torch.equal(_support_bounds(p, q, has_children), expected)
-    assert torch.equal(_support_bounds(p, None, has_children), (p > 0).sum(-1))
+    draft_expected = torch.where(has_children, (q > 0).sum(-1), 0)
+    expected = (p > 0).sum(-1) + draft_expected
+    bounds, draft_bounds = _support_bounds(p, q, has_children)
+    assert torch.equal(bounds, expected) and torch.equal(draft_bounds, draft_expected)
+    bounds, draft_bounds = _support_bounds(p, None, has_children)
+    assert torch.equal(bounds, (p > 0).sum(-1)) and not draft_bounds.any()
     p[2, 3, 10] = float("nan")
-    bounds = _support_bounds(p, q, has_children)
-    assert bounds[2, 3] == vocab and bounds.dtype == torch.long
+    q[0, 1, 7] = float("nan")  # a node with children
+    bounds, draft_bounds = _support_bounds(p, q, has_children)
+    assert bounds[2, 3] == vocab and draft_bounds[0, 1] == vocab
+    assert bounds.dtype == draft_bounds.dtype == torch.long
 
 
 @pytest.mark.parametrize("rule", ["rrs", "spectr"])
