@@ -102,6 +102,29 @@ def test_packed_copies_are_kept_between_calls_while_their_weights_stay(monkeypat
     assert len(packed) == 2 * len(linears) + 1
 
 
+def test_a_token_count_between_two_timed_alike_takes_their_choice(monkeypatch, tmp_path):
+    """A tree size not timed yet, between two timed token counts whose choices agree, is not timed: their choice;
+    where they disagree, or outside the timed counts, it is timed."""
+    from hf_specdec.backends import cpu_kernels
+
+    monkeypatch.setenv("HF_SPECDEC_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_kernels, "_PAYS", {})
+    timed = []
+
+    def time_forward(m, tokens, packed):  # packed is faster from 8 tokens on
+        timed.append(tokens)
+        return 1.0 if packed == (tokens >= 8) else 2.0
+
+    monkeypatch.setattr(cpu_kernels, "_time_forward", time_forward)
+    model = tiny_model("llama", vocab_size=96)
+    assert [cpu_kernels.prepacking_pays(model, n) for n in (2, 8, 32)] == [False, True, True]
+    count = len(timed)
+    assert cpu_kernels.prepacking_pays(model, 17) and len(timed) == count  # between 8 and 32
+    assert not cpu_kernels.prepacking_pays(model, 5) and len(timed) > count  # between 2 and 8: timed
+    count = len(timed)
+    assert cpu_kernels.prepacking_pays(model, 64) and len(timed) > count  # above every timed count: timed
+
+
 def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("HF_SPECDEC_PREPACK", "0")
     assert not prepacking_available(tiny_model("llama"))

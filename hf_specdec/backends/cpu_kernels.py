@@ -58,13 +58,19 @@ def prepacking_pays(model, tokens: int) -> bool:
     what a 1-token one does; on an Intel Xeon with AMX they were slower at 4 tokens and faster from 8). Timed once per
     CPU, thread count, model shape and token count (stock and packed forwards, alternately) and kept on disk with the
     planner's calibrations: every later process runs the kernels the calibration timed (chosen anew in each process,
-    one whose choice came out otherwise under a moment's load found 8-token trees at twice their calibrated cost)."""
+    one whose choice came out otherwise under a moment's load found 8-token trees at twice their calibrated cost).
+    Between two token counts timed alike (the calibration times 1, 2, 3, 8 and 32), the choice is theirs: a tree
+    size `auto` has not run before is not timed inside a user's call."""
     if not prepacking_available(model):
         return False
     key = _choice_key(model, tokens)
     memo = (torch.get_num_threads(), key)
     if memo not in _PAYS:
         choices = _stored_choices()
+        bracketing = _bracketing_choice(choices, model, tokens)
+        if bracketing is not None:
+            _PAYS[memo] = bracketing
+            return bracketing
         if key not in choices:
             stock, packed = _time_stock_and_packed(model, tokens)
             choices = _stored_choices()  # another process may have written meanwhile
@@ -72,6 +78,20 @@ def prepacking_pays(model, tokens: int) -> bool:
             _store_choices(choices)
         _PAYS[memo] = bool(choices[key]["packed"])
     return _PAYS[memo]
+
+
+def _bracketing_choice(choices: dict, model, tokens: int) -> bool | None:
+    """The stored choice of the nearest timed token counts below and above `tokens` where they agree (it is not
+    timed itself), else None."""
+    prefix = f"{_config_hash(model)}-"
+    timed = {int(key[len(prefix):]): bool(value["packed"]) for key, value in choices.items() if key.startswith(prefix)}
+    if tokens in timed:
+        return None
+    below = [n for n in timed if n < tokens]
+    above = [n for n in timed if n > tokens]
+    if not below or not above or timed[max(below)] != timed[min(above)]:
+        return None
+    return timed[max(below)]
 
 
 def forget_prepacking_choices(model) -> None:
