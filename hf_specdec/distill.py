@@ -32,7 +32,9 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from hf_specdec.draft_model import ReducedVocabLlamaConfig, ReducedVocabLlamaForCausalLM
-from hf_specdec.feature_draft import FeatureDraftConfig, FeatureDraftForCausalLM, reads_target_features
+from hf_specdec.feature_draft import (
+    FeatureDraftConfig, FeatureDraftForCausalLM, check_feature_draft, reads_target_features,
+)
 from hf_specdec.teacher import TeacherData, TeacherSequence
 
 DRAFT_TYPES = ("feature", "standalone")
@@ -383,8 +385,32 @@ def draft_from_checkpoint(path: Path):
     return draft
 
 
-def check_resumed_draft(draft, draft_type: str, layers: int, vocab_size: int, oov_rank: int) -> None:
-    """A resumed run trains the checkpoint's draft: options that describe another draft are refused, not ignored."""
+def pretrained_draft(path: Path, target):
+    """A draft saved by `save_draft` (a shipped one, say) to train further, e.g. on more of the target's own text:
+    in fp32, with its logit scale back at 1 (training fits q = softmax(logits); the scale is fitted again after)."""
+    from transformers import AutoModelForCausalLM
+
+    import hf_specdec.models  # noqa: F401  (registers the draft model types)
+
+    draft = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if type(draft) not in {model_class for _, model_class in DRAFT_CLASSES.values()}:
+        raise ValueError(f"{path} holds a {type(draft).__name__}, not a draft `distill` trains (a feature draft or a "
+                         "reduced-vocabulary standalone one)")
+    target_vocab = target.config.get_text_config().vocab_size
+    if draft.config.vocab_size != target_vocab:
+        raise ValueError(f"{path} drafts for a vocabulary of {draft.config.vocab_size} tokens, the target has "
+                         f"{target_vocab}: train a draft for this target")
+    if reads_target_features(draft):
+        check_feature_draft(draft, target)
+    draft.config.logit_scale = draft.lm_head.logit_scale = 1.0
+    return draft
+
+
+def check_draft_options(draft, draft_type: str, layers: int, vocab_size: int, oov_rank: int,
+                        source: str = "the checkpoint's draft",
+                        fix: str = "resume with its options, or start a run in another --out") -> None:
+    """A run that trains an existing draft (a checkpoint's, or a saved one's) trains that draft: options that describe
+    another draft are refused, not ignored."""
     config = draft.config
     described = {
         "--draft-type": ("feature" if reads_target_features(draft) else "standalone", draft_type),
@@ -394,8 +420,7 @@ def check_resumed_draft(draft, draft_type: str, layers: int, vocab_size: int, oo
     }
     changed = [f"{option} {saved} (given {given})" for option, (saved, given) in described.items() if saved != given]
     if changed:
-        raise ValueError(f"the checkpoint's draft has {', '.join(changed)}: resume with its options, or start a run "
-                         "in another --out")
+        raise ValueError(f"{source} has {', '.join(changed)}: {fix}")
 
 
 def save_draft(draft, out_dir: Path) -> None:

@@ -179,14 +179,56 @@ def test_training_lowers_the_kl_and_resumes_where_it_stopped(draft_type, target,
 
 def test_a_resumed_draft_refuses_options_that_describe_another(target):
     feature = distill.init_feature_draft(target, KEPT, 1, oov_rank=4)
-    distill.check_resumed_draft(feature, "feature", 1, len(KEPT), 4)
+    distill.check_draft_options(feature, "feature", 1, len(KEPT), 4)
     for given, message in [(("standalone", 1, len(KEPT), 4), "--draft-type feature \\(given standalone\\)"),
                            (("feature", 2, len(KEPT), 4), "--layers \\(count\\) 1 \\(given 2\\)"),
                            (("feature", 1, 99, 4), "--vocab-size"), (("feature", 1, len(KEPT), 32), "--oov-rank 4")]:
         with pytest.raises(ValueError, match=message):
-            distill.check_resumed_draft(feature, *given)
+            distill.check_draft_options(feature, *given)
     standalone = distill.init_standalone_draft(target, KEPT, [0, 2], oov_rank=4)
-    distill.check_resumed_draft(standalone, "standalone", 2, len(KEPT), 4)
+    distill.check_draft_options(standalone, "standalone", 2, len(KEPT), 4)
+
+
+@pytest.mark.parametrize("draft_type", distill.DRAFT_TYPES)
+def test_a_saved_draft_trains_further_from_its_own_weights(draft_type, target, teacher_data, tmp_path):
+    """`--init-from`: the saved draft's weights (fp16, as shipped) and vocabulary, its logit scale back at 1, options
+    that describe another draft refused; training then starts from it and lowers its KL."""
+    if draft_type == "feature":
+        saved = distill.init_feature_draft(target, KEPT, 1, oov_rank=4)
+    else:
+        saved = distill.init_standalone_draft(target, KEPT, [0, 2], oov_rank=4)
+    saved.config.logit_scale = saved.lm_head.logit_scale = 1.1
+    distill.save_draft(saved, tmp_path / "saved")
+    draft = distill.pretrained_draft(tmp_path / "saved", target)
+    assert type(draft) is type(saved) and draft.config.kept_token_ids == KEPT
+    assert draft.config.logit_scale == draft.lm_head.logit_scale == 1.0
+    for (name, a), b in zip(saved.state_dict().items(), draft.state_dict().values()):
+        torch.testing.assert_close(b, a.half().float() if a.is_floating_point() else a, msg=name)
+    layers = 1 if draft_type == "feature" else 2
+    distill.check_draft_options(draft, draft_type, layers, len(KEPT), 4, source="saved", fix="fix")
+    with pytest.raises(ValueError, match="saved has --oov-rank 4 \\(given 32\\): fix"):
+        distill.check_draft_options(draft, draft_type, layers, len(KEPT), 32, source="saved", fix="fix")
+    teacher_head = distill.head_rows(target.get_output_embeddings(), KEPT)
+    batch = distill.collate([teacher_data[i] for i in range(4)])
+    with torch.no_grad():
+        before = distill.loss_for(draft)(draft, teacher_head, batch).item()
+    options = distill.TrainingOptions(steps=4, batch_tokens=160, lr=3e-3, warmup_steps=1, checkpoint_every=4,
+                                      bf16_autocast=False)
+    distill.train_draft(draft, teacher_head, teacher_data, options, tmp_path / "tuned.pt", False)
+    with torch.no_grad():
+        assert distill.loss_for(draft)(draft, teacher_head, batch).item() < before
+
+
+def test_a_saved_draft_for_another_target_is_refused(target, tmp_path):
+    from tiny_models import tiny_model
+
+    other = tiny_model("llama", vocab_size=VOCAB_SIZE + 8)
+    distill.save_draft(distill.init_standalone_draft(other, KEPT, [0], oov_rank=4), tmp_path / "other")
+    with pytest.raises(ValueError, match="train a draft for this target"):
+        distill.pretrained_draft(tmp_path / "other", target)
+    other.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="not a draft `distill` trains"):
+        distill.pretrained_draft(tmp_path / "plain", target)
 
 
 def test_saved_standalone_draft_loads_as_a_full_vocabulary_causal_lm(target, tmp_path):
@@ -209,12 +251,13 @@ def test_saved_standalone_draft_loads_as_a_full_vocabulary_causal_lm(target, tmp
 def test_cli_distill_help_lists_the_options():
     help_text = build_parser()._subparsers._group_actions[0].choices["distill"].format_help()
     for option in ("--target", "--draft-type", "--teacher-dir", "--positions", "--steps", "--lr", "--batch-tokens",
-                   "--unroll", "--out", "--seed", "--resume", "--fit-logit-scale", "--scale-prompts"):
+                   "--unroll", "--out", "--seed", "--resume", "--init-from", "--fit-logit-scale", "--scale-prompts"):
         assert option in help_text
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["--evaluate", "a", "--fit-logit-scale", "b"], "--evaluate and --fit-logit-scale each run alone"),
+    (["--init-from", "a", "--resume"], "--init-from starts a run from a saved draft, --resume continues a checkpoint"),
     (["--steps", "0"], "--steps must be positive (got 0)"),
     (["--lr", "0"], "--lr must be positive (got 0.0)"),
     (["--batch-tokens", "-8"], "--batch-tokens must be positive (got -8)"),

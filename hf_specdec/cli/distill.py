@@ -58,6 +58,9 @@ def add_parser(subparsers) -> None:
     draft.add_argument("--layers", help="standalone: target layers copied into the draft, in order (default 0,1); "
                        "feature: number of decoder layers (default 1)")
     draft.add_argument("--oov-rank", type=int, default=32, help="embedding rank of input tokens outside the vocabulary")
+    draft.add_argument("--init-from", metavar="DRAFT_DIR",
+                       help="start from this saved draft (its weights and vocabulary, e.g. a shipped one) instead of "
+                       "a fresh one: to train it further, on more data or another recipe, in a new --out")
     train = parser.add_argument_group("training")
     train.add_argument("--steps", type=int, help="optimizer steps (default: feature 900, standalone 400)")
     train.add_argument("--batch-tokens", type=int,
@@ -89,6 +92,8 @@ def run(args) -> int:
 
     if args.evaluate and args.fit_logit_scale:
         raise SystemExit("--evaluate and --fit-logit-scale each run alone: run one, then the other")
+    if args.init_from and args.resume:
+        raise SystemExit("--init-from starts a run from a saved draft, --resume continues a checkpoint: pass one")
     # None takes the draft type's default (`or` below), which would silently replace a 0 too
     for flag, value in (("--steps", args.steps), ("--batch-tokens", args.batch_tokens), ("--lr", args.lr)):
         if value is not None and value <= 0:
@@ -125,17 +130,22 @@ def run(args) -> int:
         raise SystemExit(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
     if args.resume and not checkpoint.exists():
         raise SystemExit(f"--resume: no checkpoint at {checkpoint}; drop --resume to start a run there")
-    if args.resume:  # before the teacher data: the checkpoint's draft, refusing options that describe another
+    # before the teacher data: the draft a run continues, refusing options that describe another
+    layer_count = int(layers) if args.draft_type == "feature" else len(layers.split(","))
+    if args.resume:
         draft = distill.draft_from_checkpoint(checkpoint)
-        layer_count = int(layers) if args.draft_type == "feature" else len(layers.split(","))
-        distill.check_resumed_draft(draft, args.draft_type, layer_count, args.vocab_size, args.oov_rank)
+        distill.check_draft_options(draft, args.draft_type, layer_count, args.vocab_size, args.oov_rank)
+    elif args.init_from:
+        draft = distill.pretrained_draft(Path(args.init_from), target)
+        distill.check_draft_options(draft, args.draft_type, layer_count, args.vocab_size, args.oov_rank,
+                                    source=args.init_from, fix="pass the options that describe it")
     data = build_teacher_data(target, tokenizer, Path(args.teacher_dir), args.positions, args.max_tokens)
     if args.generated_prompts:
         generated = build_generated_teacher_data(target, tokenizer, Path(f"{args.teacher_dir}-generated"),
                                                  args.generated_prompts, args.generated_new_tokens, seed=args.seed)
         for _ in range(args.generated_repeats):
             data = data + generated
-    if not args.resume:
+    if not (args.resume or args.init_from):
         kept = distill.choose_kept_tokens(data, target.get_output_embeddings(), args.vocab_size,
                                           always_keep=tokenizer.all_special_ids)
         if args.draft_type == "feature":
