@@ -141,10 +141,11 @@ def _rejection_residual(theta: torch.Tensor, q: torch.Tensor, out: torch.Tensor)
     return out, out.sum(-1, keepdim=True)
 
 
-def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
+def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms, with_divisors: bool = False):
     """RRS: candidate tests as steps (see the module docstring). Returns accepted_nodes [B, L], per row the
-    distribution the next token is drawn from (the last Theta where the row rejected, else p at its last node) and
-    the totals [B, P] that p at that node was divided by to make it, in turn (1 where it was not)."""
+    distribution the next token is drawn from (the last Theta where the row rejected, else p at its last node) and,
+    `with_divisors` (else None), the totals [B, P] that p at that node was divided by to make it, in turn (1 where it
+    was not): four more small operations per step, for `_verify_lumped` only."""
     batch, num_paths, depth = paths.shape
     num_slots = node_tokens.shape[1]
     device = paths.device
@@ -166,7 +167,7 @@ def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
     target.load(node, theta)
     draft.load(node, qk)
     rest, fresh = torch.empty_like(theta), torch.empty_like(theta)
-    divisors = torch.ones(batch, num_paths, dtype=torch.float64, device=device)
+    divisors = torch.ones(batch, num_paths, dtype=torch.float64, device=device) if with_divisors else None
     for _ in range(steps):
         index = (node * num_paths + k.clamp(max=num_paths - 1))[:, None]
         candidate, token, uniform = (t.gather(1, index) for t in table)
@@ -178,8 +179,9 @@ def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
         rest, rest_total = _rejection_residual(theta, qk, rest)
         update = miss & (rest_total > 0).squeeze(1)
         theta_rows.index_copy_(0, torch.where(update, rows, spare), rest.div_(rest_total))
-        slot = k.clamp(max=num_paths - 1)[:, None]  # the k-th rejection at this node
-        divisors.scatter_(1, slot, torch.where(update[:, None], rest_total, divisors.gather(1, slot)))
+        if with_divisors:
+            slot = k.clamp(max=num_paths - 1)[:, None]  # the k-th rejection at this node
+            divisors.scatter_(1, slot, torch.where(update[:, None], rest_total, divisors.gather(1, slot)))
         qk.scatter_(1, token, 0.0)  # rows that did not reject reload q below (or are done with it)
         q_total = qk.sum(-1, keepdim=True)
         qk.div_(torch.where(q_total > 0, q_total, 1.0))  # x / 1 == x: norm's fallback
@@ -197,7 +199,8 @@ def _walk_recursive_rejection(paths, node_tokens, target, draft, uniforms):
         reset = torch.where(hit, rows, spare)
         theta_rows.index_copy_(0, reset, target.load(node, fresh))
         q_rows.index_copy_(0, reset, draft.load(node, fresh))
-        divisors.masked_fill_(hit[:, None], 1.0)
+        if with_divisors:
+            divisors.masked_fill_(hit[:, None], 1.0)
     return accepted_nodes[:, :depth], theta, divisors
 
 
@@ -623,9 +626,13 @@ def _verify_lumped(inputs: VerifyInputs, support: _Support) -> VerifyResult:
     those entries, so the same values), with the walk's own values on q's support. Same tokens as the walks above;
     the vocabulary-sized work is a few passes over B rows, not several per candidate."""
     compacted, token_ids = compact_vocabulary(inputs, support, lumped=True)
-    walk = _walk_spectr if inputs.rule == "spectr" else _walk_recursive_rejection  # chains too
-    accepted_nodes, last_dist, divisors = walk(compacted.paths, compacted.node_tokens, _Rows(compacted.target_probs),
-                                               _Rows(compacted.draft_probs), compacted.accept_uniforms)
+    rows_of = (_Rows(compacted.target_probs), _Rows(compacted.draft_probs))
+    if inputs.rule == "spectr":
+        walked = _walk_spectr(compacted.paths, compacted.node_tokens, *rows_of, compacted.accept_uniforms)
+    else:  # chains too
+        walked = _walk_recursive_rejection(compacted.paths, compacted.node_tokens, *rows_of, compacted.accept_uniforms,
+                                           with_divisors=True)
+    accepted_nodes, last_dist, divisors = walked
     num_accepted = (accepted_nodes >= 0).sum(-1)
     last = accepted_nodes.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
     node = torch.where(num_accepted > 0, last, 0)
