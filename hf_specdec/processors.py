@@ -161,13 +161,8 @@ class NodeScorer:
             return None
         if self.reads_prefix_lengths and node_prefix_lengths is None:
             return None
-        batch, width, vocab = logits.shape
         values, token_ids = top_entries(logits, capacity)
-        flat = values.reshape(batch * width, -1)
-        rows = torch.arange(batch, device=logits.device).repeat_interleave(width)
-        dummy_ids = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=logits.device)
-        scores = self._apply(dummy_ids, flat, row_ids[rows], node_prefix_lengths, token_ids.reshape(flat.shape))
-        return scores.view(batch, width, -1), token_ids
+        return self._apply_to_nodes(values, row_ids, node_prefix_lengths, token_ids.flatten(0, 1)), token_ids
 
     def on_entries(self, logits: torch.Tensor, row_ids: torch.Tensor, token_ids: torch.Tensor | None = None,
                    node_prefix_lengths: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -182,14 +177,20 @@ class NodeScorer:
             return None
         if self.reads_prefix_lengths and (token_ids is None or node_prefix_lengths is None):
             return None
-        batch, width, entries = logits.shape
         if not self.processors:
             return logits
-        rows = torch.arange(batch, device=logits.device).repeat_interleave(width)
-        dummy_ids = torch.zeros(batch * width, 1, dtype=torch.long, device=logits.device)
-        scores = self._apply(dummy_ids, logits.reshape(batch * width, entries), row_ids[rows], node_prefix_lengths,
-                             token_ids)
-        return scores.view(batch, width, entries)
+        return self._apply_to_nodes(logits, row_ids, node_prefix_lengths, token_ids)
+
+    def _apply_to_nodes(self, scores: torch.Tensor, row_ids: torch.Tensor,
+                        node_prefix_lengths: torch.Tensor | None = None,
+                        token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The processors on scores [B, n, C] of every node at once, for processors that read no prefix tokens (each
+        node's row from `row_ids` [B]; `node_prefix_lengths`, `token_ids` as `_apply` takes them)."""
+        batch, width, entries = scores.shape
+        rows = torch.arange(batch, device=scores.device).repeat_interleave(width)
+        dummy_ids = torch.zeros(batch * width, 1, dtype=torch.long, device=scores.device)
+        flat = scores.reshape(batch * width, entries)
+        return self._apply(dummy_ids, flat, row_ids[rows], node_prefix_lengths, token_ids).view(batch, width, entries)
 
     def _apply(self, input_ids: torch.Tensor, scores: torch.Tensor, row_ids: torch.Tensor,
                node_prefix_lengths: torch.Tensor | None = None, token_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,14 +220,13 @@ class NodeScorer:
         that grouping nodes by prefix length needs no host sync. Returns scores [B, n, V]."""
         if not self.processors:
             return logits
+        if not self.reads_prefix_tokens:
+            node_prefix_lengths = prefix_lengths(lengths, node_depths, logits.device) if self.reads_prefix_lengths \
+                else None
+            return self._apply_to_nodes(logits, row_ids, node_prefix_lengths)
         batch, width, vocab = logits.shape
         flat = logits.reshape(batch * width, vocab)
         rows = torch.arange(batch, device=logits.device).repeat_interleave(width)
-        if not self.reads_prefix_tokens:
-            dummy_ids = torch.zeros(flat.shape[0], 1, dtype=torch.long, device=logits.device)
-            node_prefix_lengths = prefix_lengths(lengths, node_depths, logits.device) if self.reads_prefix_lengths \
-                else None
-            return self._apply(dummy_ids, flat, row_ids[rows], node_prefix_lengths).view(batch, width, vocab)
         groups: dict[int, list[int]] = {}
         for b, length in enumerate(lengths):
             for n, depth in enumerate(node_depths):

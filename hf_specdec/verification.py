@@ -226,6 +226,11 @@ class Verifier(Protocol):
     def __call__(self, inputs: VerifyInputs) -> VerifyResult: ...
 
 
+def tokens_at(node_tokens: torch.Tensor, accepted_nodes: torch.Tensor) -> torch.Tensor:
+    """[B, L]: the token of each accepted node (`node_tokens` [B, N+1] at `accepted_nodes` [B, L]), -1 where none."""
+    return torch.where(accepted_nodes >= 0, node_tokens.gather(1, accepted_nodes.clamp(min=0)), -1)
+
+
 def verify_tree(inputs: VerifyInputs) -> VerifyResult:
     """The reference: rows are independent and walked one by one on the host."""
     inputs.check()
@@ -250,6 +255,6 @@ def verify_tree(inputs: VerifyInputs) -> VerifyResult:
         accepted_nodes[b, : len(path)] = torch.tensor(path, dtype=torch.long)
         num_accepted[b] = len(path)
         next_tokens[b] = token
-    accepted_tokens = torch.where(accepted_nodes >= 0, node_tokens.gather(1, accepted_nodes.clamp(min=0)), -1)
+    accepted_tokens = tokens_at(node_tokens, accepted_nodes)
     device = inputs.node_tokens.device
     return VerifyResult(accepted_nodes.to(device), accepted_tokens.to(device), num_accepted.to(device), next_tokens.to(device))

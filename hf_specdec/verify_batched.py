@@ -43,7 +43,9 @@ from __future__ import annotations
 
 import torch
 
-from hf_specdec.verification import SPECTR_BISECTION_STEPS, VerifyInputs, VerifyResult, sample_with_uniform
+from hf_specdec.verification import (
+    SPECTR_BISECTION_STEPS, VerifyInputs, VerifyResult, sample_with_uniform, tokens_at,
+)
 
 _NO_NODE = torch.iinfo(torch.long).max  # sort key of "no candidate" (after every node index)
 
@@ -529,13 +531,17 @@ def expand_result(result: VerifyResult, inputs: VerifyInputs, token_ids: torch.T
     """A result on `compact_vocabulary(inputs)` as a result on `inputs`: the next token mapped back to its token id
     (through the compact vocabulary of the node it was drawn at), the accepted tokens read from `inputs`."""
     accepted_nodes, num_accepted = result.accepted_nodes, result.num_accepted
-    last = accepted_nodes.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-    node = torch.where(num_accepted > 0, last, 0)
+    node = _last_nodes(accepted_nodes, num_accepted)
     rows = torch.arange(len(node), device=node.device)
     next_tokens = token_ids[rows, node].gather(1, result.next_tokens[:, None]).squeeze(1)
-    node_tokens = inputs.node_tokens.to(accepted_nodes.device)
-    accepted_tokens = torch.where(accepted_nodes >= 0, node_tokens.gather(1, accepted_nodes.clamp(min=0)), -1)
+    accepted_tokens = tokens_at(inputs.node_tokens.to(accepted_nodes.device), accepted_nodes)
     return VerifyResult(accepted_nodes, accepted_tokens, num_accepted, next_tokens)
+
+
+def _last_nodes(accepted_nodes: torch.Tensor, num_accepted: torch.Tensor) -> torch.Tensor:
+    """[B]: each row's last accepted node, else the root: where its next token is drawn."""
+    last = accepted_nodes.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
+    return torch.where(num_accepted > 0, last, 0)
 
 
 def _recursive_rejection_everywhere(p, q, tokens, valid, steps):
@@ -634,8 +640,7 @@ def _verify_lumped(inputs: VerifyInputs, support: _Support) -> VerifyResult:
                                            with_divisors=True)
     accepted_nodes, last_dist, divisors = walked
     num_accepted = (accepted_nodes >= 0).sum(-1)
-    last = accepted_nodes.gather(1, (num_accepted - 1).clamp(min=0)[:, None]).squeeze(1)
-    node = torch.where(num_accepted > 0, last, 0)
+    node = _last_nodes(accepted_nodes, num_accepted)
     batch, _, vocab = inputs.target_probs.shape
     device = node.device
     rows = torch.arange(batch, device=device)
@@ -646,9 +651,8 @@ def _verify_lumped(inputs: VerifyInputs, support: _Support) -> VerifyResult:
         next_dist[:, :vocab].div_(divisor[:, None])
     next_dist.scatter_(1, token_ids[rows, node], last_dist)
     next_tokens = sample_with_uniform(next_dist[:, :vocab], compacted.sample_uniforms)
-    node_tokens = inputs.node_tokens.to(device)
-    accepted_tokens = torch.where(accepted_nodes >= 0, node_tokens.gather(1, accepted_nodes.clamp(min=0)), -1)
-    return VerifyResult(accepted_nodes, accepted_tokens, num_accepted, next_tokens)
+    return VerifyResult(accepted_nodes, tokens_at(inputs.node_tokens.to(device), accepted_nodes), num_accepted,
+                        next_tokens)
 
 
 # compaction is considered from this vocabulary size on, and used when the compact vocabulary is at most this share
@@ -728,5 +732,4 @@ def _verify(inputs: VerifyInputs) -> VerifyResult:
                                            accept_uniforms)[:2]  # the divisors serve `_verify_lumped`
         next_tokens = sample_with_uniform(next_dist, sample_uniforms)
     num_accepted = (accepted_nodes >= 0).sum(-1)
-    accepted_tokens = torch.where(accepted_nodes >= 0, node_tokens.gather(1, accepted_nodes.clamp(min=0)), -1)
-    return VerifyResult(accepted_nodes, accepted_tokens, num_accepted, next_tokens)
+    return VerifyResult(accepted_nodes, tokens_at(node_tokens, accepted_nodes), num_accepted, next_tokens)
