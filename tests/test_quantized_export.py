@@ -136,6 +136,59 @@ def test_a_weight_shared_by_two_products_is_stored_once():
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
 
 
+class BlocksByName:
+    """A stand-in for `GgufWeights`: blocks per parameter name."""
+
+    path = type("P", (), {"name": "named.gguf"})()
+    sha256 = "-"
+
+    def __init__(self, blocks: dict):
+        self._blocks = blocks
+
+    def blocks(self, parameters, k, n, dtype=np.float32):
+        return next((self._blocks[p] for p in parameters if p in self._blocks), None)
+
+
+@pytest.mark.parametrize("source", ["rtn", "gguf:Q4_1"])
+def test_products_of_one_input_share_a_node_with_the_same_outputs(source):
+    """q/k/v-like products of one input (different widths) become one MatMulNBits and a Split, with the Q4_1
+    block-minimum correction joined too; the outputs are those of the separate products, bit for bit. The head and
+    a product of another input stay apart."""
+    rng = np.random.default_rng(4)
+    k, widths = 64, (32, 16, 16)
+    weights = {f"w{i}": rng.standard_normal((k, n)).astype(np.float32) for i, n in enumerate(widths)}
+    weights["other"] = rng.standard_normal((k, 32)).astype(np.float32)
+    weights["head"] = rng.standard_normal((sum(widths) + 32, 24)).astype(np.float32)
+    names, blocks = {}, {}
+    if source != "rtn":  # the weights as a Q4_1 GGUF holds them: its blocks dequantize to exactly these values
+        for name in list(weights):
+            raw = gguf.quants.quantize(np.ascontiguousarray(weights[name].T), gguf.GGMLQuantizationType.Q4_1)
+            blocks[name] = quantize.gguf_blocks(raw, "Q4_1", weights[name].shape[0])
+            weights[name] = blocks[name].dequantize()
+            names[quantize._digest(weights[name])] = [name]
+    nodes = [helper.make_node("MatMul", ["x", f"w{i}"], [f"h{i}"]) for i in range(3)]
+    nodes += [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("MatMul", ["r", "other"], ["h3"]),
+              helper.make_node("Concat", ["h0", "h1", "h2", "h3"], ["h"], axis=-1),
+              helper.make_node("MatMul", ["h", "head"], ["logits"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["m", k])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["m", 24]),
+                               helper.make_tensor_value_info("h", TensorProto.FLOAT, ["m", sum(widths) + 32])],
+                              [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    x = rng.standard_normal((5, k)).astype(np.float32)
+    outputs, records = [], []
+    for fuse in (True, False):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        records.append(quantize.quantize_graph(model, QuantizationSpec("int4", "int4", accuracy_level=0), names,
+                                               BlocksByName(blocks) if blocks else None, fuse_siblings=fuse))
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, {"x": x}))
+    assert records[0]["source"] == records[1]["source"] == source
+    assert records[0]["quantized_matmuls"] == records[1]["quantized_matmuls"] == 5
+    assert (records[0]["matmulnbits_nodes"], records[1]["matmulnbits_nodes"]) == (3, 5)
+    for fused, apart in zip(*outputs):
+        assert np.array_equal(fused, apart)
+
+
 def test_a_tied_head_traced_as_a_transposed_embedding_is_quantized():
     """A tied LM head too large for the exporter's constant folding is traced as MatMul(h, Transpose(table)): it
     becomes MatMulNBits over the table's rows (no float copy of the head left), the embedding's Gather keeps the
@@ -255,7 +308,9 @@ def test_gguf_target_runs_the_gguf_blocks(quantized):
         assert entry.quantized
         graph = onnx.load(str(pair.model_dir / entry.file), load_external_data=False).graph
         nodes = [node for node in graph.node if node.op_type == "MatMulNBits"]
-        assert len(nodes) == entry.quantization["quantized_matmuls"] and {n.domain for n in nodes} == {"com.microsoft"}
+        # q/k/v and gate/up share a node each (`quantize._siblings`)
+        assert len(nodes) == entry.quantization["matmulnbits_nodes"] == 4 * layers + 1
+        assert {n.domain for n in nodes} == {"com.microsoft"}
         # no product by a float weight is left, but the Q4_1 block sums (x S) and their minimums (M)
         weights = {init.name for init in graph.initializer}
         floats = [n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
