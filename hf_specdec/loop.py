@@ -16,6 +16,7 @@ and per-token scores read more, only when they are used.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,22 @@ from hf_specdec.limits import check_step_fits
 from hf_specdec.processors import NodeScorer, prefix_lengths
 from hf_specdec.trees import DraftTree, compact_rows
 from hf_specdec.verification import Verifier, VerifyInputs, rule_for_method
+
+
+@contextlib.contextmanager
+def host_threads(backends):
+    """PyTorch's threads for the loop's own tensor work: the fewest any backend asks for (`host_threads`, e.g. 1 for
+    a runtime with its own CPU thread pool, see `OrtBackend`), restored after; unchanged where none asks."""
+    asked = [n for n in (getattr(backend, "host_threads", None) for backend in backends) if n]
+    before = torch.get_num_threads()
+    if not asked or min(asked) >= before:
+        yield
+        return
+    torch.set_num_threads(min(asked))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -262,6 +279,13 @@ class SpeculativeDecoder:
     # ------------------------------------------------------------------ public
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> DecodeResult:
+        with host_threads(self._backends()):
+            return self._generate(input_ids, attention_mask)
+
+    def _backends(self) -> tuple:
+        return (self.target, self.draft) if self.drafter is not None else (self.target,)
+
+    def _generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> DecodeResult:
         device = input_ids.device
         timer = _Timer(device, self.profile)
         start_time = timer.now()
@@ -306,7 +330,7 @@ class SpeculativeDecoder:
         if self.streamer is not None:
             self.streamer.end()
         longest = int(out.lengths.max())
-        for backend in (self.target, self.draft) if self.drafter is not None else (self.target,):
+        for backend in self._backends():
             backend.finish(longest - prompt_length)
         out.stats.time_total = timer.now() - start_time
         return self._result(out, longest)

@@ -55,6 +55,35 @@ def test_greedy_is_token_identical_to_pytorch(pair, batch, method):
     assert torch.equal(result.sequences, reference), f"{method}: differs with eos={eos}"
 
 
+def test_the_loop_runs_on_one_pytorch_thread_beside_onnx_runtime(pair, batch, monkeypatch):
+    """ONNX Runtime on the CPU has its own threads: the loop's tensor work between its runs uses one PyTorch thread
+    (PyTorch's spinning OpenMP threads would take the cores from the next run), and the setting comes back after
+    the call, also when it fails."""
+    _, _, exported = pair
+    assert exported.target.host_threads == exported.draft.host_threads == 1
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on a 2-core machine, wherever the test runs
+    settings = []
+    monkeypatch.setattr(torch, "set_num_threads", settings.append)
+    seen = []
+    original = type(exported.target).forward
+
+    def forward(self, *args, **kwargs):
+        seen.append(settings[-1] if settings else None)
+        if len(seen) == 3 and fail:
+            raise RuntimeError("a failing run")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(exported.target), "forward", forward)
+    fail = False
+    decode_onnxruntime(exported, batch, "rsd-s:w=2,d=2")
+    assert seen and set(seen) == {1} and settings[-1] == 2
+    settings.clear(), seen.clear()
+    fail = True
+    with pytest.raises(RuntimeError, match="a failing run"):
+        decode_onnxruntime(exported, batch, "rsd-s:w=2,d=2")
+    assert settings == [1, 2]
+
+
 @pytest.mark.parametrize(
     "options",
     [{"repetition_penalty": 1.5}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 20, "eos_token_id": [5, 9, 17]}],

@@ -27,6 +27,9 @@ class ModelBackend(Protocol):
     hidden_size: int
     reads_features: bool  # a feature-conditioned draft: prefill and forward take `features`
     logit_support: torch.Tensor | None  # [C] the only tokens with finite logits (a reduced-vocabulary draft), or None
+    # optional: PyTorch threads for the loop's own tensor work while this backend runs (`loop.host_threads`; e.g. 1
+    # beside a runtime with its own CPU thread pool); absent or None: as the process has them
+    host_threads: int | None
 
     def reset(self, batch_size: int, prompt_lengths: torch.Tensor) -> None:
         """Start an empty cache for `batch_size` rows; `prompt_lengths` [B]: real (unpadded) prompt tokens per row."""
