@@ -48,6 +48,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"  # the target's generation def
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_NEW_TOKENS = 128
 DEFAULT_SPECULATIVE_CONFIG = "rsd-s:w=3,d=4"
+AUTO = "auto"  # export's config: chosen from the exported graphs' forwards on ONNX Runtime (`planner.exported`)
 # attention layer type -> the graph input holding its bool mask [batch, new, past_plus_new]
 MASK_INPUTS = {"full_attention": "attention_mask", "sliding_attention": "sliding_attention_mask"}
 FEATURES_INPUT = "features"  # a feature draft's input: the target's feature before each new token

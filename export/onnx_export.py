@@ -57,6 +57,7 @@ from hf_specdec.cache_layout import sliding_window_mask
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.export.graph import SplitKV, io_names, split_kv_attention
 from hf_specdec.export.manifest import (
+    AUTO,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_SPECULATIVE_CONFIG,
@@ -441,7 +442,8 @@ def export_pair(
     quantization=None,
 ) -> Manifest:
     """Write target.onnx, draft.onnx, the tokenizer files, generation_config.json and manifest.json into `out_dir`.
-    `max_past` defaults to the target's max_position_embeddings. `quantization`: a
+    `max_past` defaults to the target's max_position_embeddings. `speculative_config`: what `generate --config auto`
+    runs on the export; "auto" chooses it from the exported graphs' forwards timed here (`record_plan`). `quantization`: a
     `hf_specdec.export.quantize.QuantizationSpec` for block-quantized graphs (None: float graphs)."""
     out_dir = Path(out_dir)
     target_vocab, draft_vocab = model_shape(target)["vocab_size"], model_shape(draft)["vocab_size"]
@@ -450,8 +452,9 @@ def export_pair(
             f"draft vocabulary ({draft_vocab} tokens) differs from the target's ({target_vocab}): the draft must use "
             "the target's tokenizer"
         )
-    config = SpeculativeConfig.parse(speculative_config)
-    if config.tree_size + 1 > max_new_tokens:
+    plan = speculative_config == AUTO
+    config = SpeculativeConfig.parse(DEFAULT_SPECULATIVE_CONFIG if plan else speculative_config)
+    if config.tree_size + 1 > max_new_tokens and not plan:
         raise ValueError(
             f"speculative config {config} scores {config.tree_size + 1} tokens per target forward, more than "
             f"--max-new-tokens {max_new_tokens}: raise --max-new-tokens or choose a smaller tree"
@@ -503,6 +506,24 @@ def export_pair(
     manifest.save(out_dir)
     if quantization is not None:
         manifest = record_parity(manifest, models, out_dir)
+    if plan:
+        manifest = record_plan(manifest, models, out_dir)
+    return manifest
+
+
+def record_plan(manifest: Manifest, models: dict, out_dir: Path) -> Manifest:
+    """The config `generate --config auto` runs, chosen from the exported graphs' own forwards on ONNX Runtime here
+    (`planner.exported`), in the manifest with what it was chosen from (`export.planned`)."""
+    from hf_specdec.export.ort_backend import OrtBackend, default_device
+    from hf_specdec.planner.exported import plan_exported
+
+    device = default_device()
+    target, draft = (OrtBackend(out_dir, role, manifest, device) for role in ("target", "draft"))
+    config, record = plan_exported(target, draft, models["target"], models["draft"], manifest.max_dims["new"],
+                                   manifest.max_dims["past"])
+    manifest = dataclasses.replace(manifest, speculative_config=str(config),
+                                   export={**manifest.export, "planned": record})
+    manifest.save(out_dir)
     return manifest
 
 

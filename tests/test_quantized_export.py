@@ -20,8 +20,10 @@ from hf_specdec.cli import export as export_cli
 from hf_specdec.cli import main as cli_main
 from hf_specdec.export import quantize
 from hf_specdec.export.ort_backend import OrtBackend, load_onnxruntime_pair
+from hf_specdec.config import SpeculativeConfig
 from hf_specdec.export.quantize import QuantizationSpec
 from hf_specdec.generation import decode
+from hf_specdec.planner import exported as exported_plan
 
 VOCAB = 12  # small enough to enumerate the first 3 generated tokens (the chi-square test)
 SAMPLES = 4000
@@ -247,6 +249,7 @@ def test_default_accuracy_levels():
      "so --target, --draft, --draft-kind would be ignored"),
     (["--compute-capability", "SM89"], "--compute-capability picks the GPUs TensorRT engines are built for: add --tensorrt"),
     (["--target", "t", "--draft", "d", "--draft-kind", "standalone"], "--draft-kind picks an embedded draft"),
+    (["--tensorrt", "--config", "auto"], "times the exported graphs on ONNX Runtime, not on the GPU"),
 ])
 def test_command_line_refusals(tmp_path, arguments, message):
     with pytest.raises(SystemExit, match=message):
@@ -410,3 +413,40 @@ def test_bench_onnxruntime_rows_use_the_asked_quantization(quantized):
     args.quantize = "none"
     with pytest.raises(SystemExit, match="holds an int4 export but --quantize is none"):
         load_export(args, None, None, None)
+
+
+# ------------------------------------------------------------------------------------------------ auto at export
+def test_auto_config_is_planned_from_the_exported_graphs(quantized):
+    """A quantized export (default --config auto) keeps the config its own graphs' timed forwards predict fastest,
+    with what it was chosen from; `generate --config auto` runs it."""
+    _, _, pair = quantized
+    planned = pair.manifest.export["planned"]
+    assert planned["config"] == pair.manifest.speculative_config
+    SpeculativeConfig.parse(pair.manifest.speculative_config)  # a config the loop runs (ar included)
+    for timed in (planned["target_forward_ms"], planned["draft_forward_ms"]):
+        assert sorted(map(int, timed)) == list(exported_plan.TIMED_TOKENS) and all(ms > 0 for ms in timed.values())
+    assert planned["best_tree"]["predicted_speedup"] > 0
+
+
+@pytest.mark.parametrize("target_ms, expected", [((10, 20, 40, 80, 160, 320), "ar"), ((10,) * 6, "tree")],
+                         ids=["forward-cost-grows-with-tokens", "tokens-nearly-free"])
+def test_the_plan_follows_the_timed_forwards(quantized, monkeypatch, target_ms, expected):
+    """Where a forward costs in proportion to its tokens no tree can pay and the export plans plain decoding; where
+    extra tokens are free it plans a tree."""
+    _, target, pair = quantized
+    draft = perturbed_copy(target, noise=0.1)
+    timed = {"target": target_ms, "draft": (0.01,) * 6}
+
+    def time_forwards(backend, counts, context):
+        return exported_plan.MeasuredForwards(exported_plan.TIMED_TOKENS, tuple(ms / 1e3 for ms in timed[backend.role]))
+
+    monkeypatch.setattr(exported_plan, "time_forwards", time_forwards)
+    config, record = exported_plan.plan_exported(pair.target, pair.draft, target, draft, 32, 256)
+    assert record["config"] == str(config)
+    assert (config.is_speculative, record["target_forward_ms"]["4"]) == (expected == "tree", target_ms[2])
+
+
+def test_measured_forwards_interpolate_and_extend():
+    forwards = exported_plan.MeasuredForwards((1, 2, 4), (1.0, 2.0, 3.0))
+    assert [forwards.seconds(1, n, 0) for n in (1, 3, 4, 8)] == [1.0, 2.5, 3.0, 5.0]
+    assert forwards.forward(1, 2, 0) == {"measured": 2.0}

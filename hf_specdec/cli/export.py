@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from hf_specdec.export.manifest import DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SPECULATIVE_CONFIG
+from hf_specdec.export.manifest import AUTO, DEFAULT_MAX_BATCH, DEFAULT_MAX_NEW_TOKENS, DEFAULT_SPECULATIVE_CONFIG
 
 # the choices of --quantize, --quantize-head, --accuracy-level (`hf_specdec.export.quantize`, which imports onnx)
 WEIGHT_SCHEMES = ("none", "int8", "int4")
@@ -91,7 +91,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--config",
-        help=f"speculative config that `generate --config auto` runs on this export (default {DEFAULT_SPECULATIVE_CONFIG})",
+        help="speculative config that `generate --config auto` runs on this export, or auto: the shape (or ar) predicted "
+        "fastest from the exported graphs' own forwards timed on ONNX Runtime here (default: auto with --quantize, "
+        f"whose graphs only ONNX Runtime runs; else {DEFAULT_SPECULATIVE_CONFIG})",
     )
 
 
@@ -107,6 +109,9 @@ def run(args: argparse.Namespace) -> int:
     if args.engines_only and given:
         raise SystemExit(f"--engines-only builds engines from the export already in {args.out}, so {', '.join(given)} "
                          "would be ignored: drop them, or export again (without --engines-only) with them")
+    if args.tensorrt and args.config == AUTO:
+        raise SystemExit("--config auto times the exported graphs on ONNX Runtime, not on the GPU the TensorRT engines "
+                         "will run on: pass the config they should run (e.g. --config rsd-s:w=3,d=4)")
     if args.tensorrt and args.quantize != "none":
         raise SystemExit("--quantize writes ONNX Runtime's com.microsoft.MatMulNBits, which TensorRT cannot parse: "
                          "build TensorRT engines from a float export (without --quantize) in another --out DIR")
@@ -143,7 +148,8 @@ def export_onnx(args: argparse.Namespace) -> None:
     target, draft, tokenizer = load_models(args)
     default_pair = "hf_specdec.models.load_default_pair()"
     sources = {"target": args.target or default_pair, "draft": args.draft or default_pair}
-    given = {"max_batch": args.max_batch, "max_new_tokens": args.max_new_tokens, "speculative_config": args.config}
+    config = args.config or (AUTO if quantization is not None else None)
+    given = {"max_batch": args.max_batch, "max_new_tokens": args.max_new_tokens, "speculative_config": config}
     manifest = export_pair(
         target, draft, tokenizer, args.out, sources, max_past=args.max_past, quantization=quantization,
         **{name: value for name, value in given.items() if value is not None},  # else export_pair's defaults
