@@ -53,16 +53,16 @@ class MeasuredForwards:
 def time_forwards(backend, token_counts=TIMED_TOKENS, context: int = CONTEXT, repeats: int = REPEATS) -> MeasuredForwards:
     """The median of `repeats` forwards of `backend` (the `ModelBackend` protocol) at each token count, each on top of
     the same `context` cached tokens (dropped again after every run). A feature draft reads zero features."""
-    total = context + max(token_counts)
-    ids = torch.randint(backend.vocab_size, (1, total), generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(total)[None]
-    causal = torch.ones(total, total, dtype=torch.bool).tril()[None]
-    features = torch.zeros(1, total, backend.hidden_size) if backend.reads_features else None
+    total, device = context + max(token_counts), backend.device
+    ids = torch.randint(backend.vocab_size, (1, total), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.arange(total, device=device)[None]
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril()[None]
+    features = torch.zeros(1, total, backend.hidden_size, device=device) if backend.reads_features else None
 
     def part(tensor, span):
         return None if tensor is None else tensor[:, span]
 
-    backend.reset(1, torch.tensor([context]))
+    backend.reset(1, torch.tensor([context], device=device))
     prompt = slice(0, context)
     backend.prefill(ids[:, prompt], positions[:, prompt], causal[:, prompt, :context], positions[:, prompt],
                     part(features, prompt))
@@ -75,7 +75,7 @@ def time_forwards(backend, token_counts=TIMED_TOKENS, context: int = CONTEXT, re
             backend.forward(ids[:, new], positions[:, new], causal[:, new, : context + count],
                             positions[:, : context + count], part(features, new))
             runs.append(time.perf_counter() - start)
-            backend.keep(context, torch.empty(1, 0, dtype=torch.long))  # back to the context alone
+            backend.keep(context, torch.empty(1, 0, dtype=torch.long, device=device))  # back to the context alone
         times.append(statistics.median(runs))
     return MeasuredForwards(tuple(token_counts), tuple(times))
 
