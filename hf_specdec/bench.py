@@ -21,7 +21,8 @@ from hf_specdec.planner import MachineSpeed
 
 # "ar-loop": plain autoregressive decoding through hf_specdec's own loop and backend (speculative_config="ar"), which
 # separates what the backend's kernels gain from what speculation gains
-# "auto": the planner's pick at each generate call (it learns from the runs before it; plain decoding where no tree pays)
+# "auto": the planner's pick at each generate call (it learns from the runs before it; plain decoding where no tree pays);
+# on onnxruntime, the config the export planned from its own graphs' forwards (`hf_specdec.planner.exported`)
 METHODS = ("ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto")
 # "llama.cpp": plain decoding of the target's GGUF through llama-cpp-python (`hf_specdec.llama_cpp_runner`): the
 # reference for the int4 ONNX Runtime rows (`--quantize int4`); it runs "ar" only
@@ -120,8 +121,10 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted
                     if backend == "pytorch":  # on other backends "ar" already runs through the loop
                         settings.append(Setting("ar-loop", "ar", 0, temperature, 0))
                 elif method == "auto":
-                    if backend == "pytorch":  # the planner needs the PyTorch models
+                    if backend == "pytorch":  # the planner's pick at each call
                         settings += [Setting("auto", "auto", 0, temperature, 0, draft=draft) for draft in drafts]
+                    elif backend == "onnxruntime":  # the config the export planned (`export.planned`)
+                        settings.append(Setting("auto", "auto", 0, temperature, 0, backend=backend, draft=drafts[0]))
                 elif method == "hf-assisted":
                     if backend != "pytorch" or assistant is None:
                         continue
@@ -233,7 +236,8 @@ class Bench:
         if self.exported is None:
             raise ValueError("onnxruntime settings need the exported pair (Bench(..., exported=...))")
         generation_config = GenerationConfig(eos_token_id=self.target.generation_config.eos_token_id, **common)
-        result = decode(self.exported.target, self.exported.draft, input_ids, generation_config, setting.config)
+        config = self.exported.manifest.speculative_config if setting.config == "auto" else setting.config
+        result = decode(self.exported.target, self.exported.draft, input_ids, generation_config, config)
         return result.sequences, result.stats
 
     def _llama_cpp(self, setting: Setting, input_ids, max_new_tokens: int):

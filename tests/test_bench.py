@@ -120,11 +120,14 @@ def test_onnxruntime_settings_run_on_the_exported_pair(tmp_path_factory):
     model_dir = export_tiny_pair(tmp_path_factory, "llama")
     bench = Bench(target, {"draft": draft}, word_tokenizer(96), ["t1 t5 t9 t4", "t1 t7"], max_new_tokens=10,
                   exported=load_onnxruntime_pair(model_dir))
-    settings = settings_for(["ar", "rsd-s"], [6], [0.0], ["pytorch", "onnxruntime"])
+    settings = settings_for(["ar", "rsd-s", "auto"], [6], [0.0], ["pytorch", "onnxruntime"])
     records = [bench.run(setting) for setting in settings]
     relate_to_plain(records)
     assert [(r.backend, r.method) for r in records] == [
-        ("pytorch", "ar"), ("pytorch", "rsd-s"), ("onnxruntime", "ar"), ("onnxruntime", "rsd-s")]
+        ("pytorch", "ar"), ("pytorch", "rsd-s"), ("pytorch", "auto"),
+        ("onnxruntime", "ar"), ("onnxruntime", "rsd-s"), ("onnxruntime", "auto")]
+    # auto on the export runs the config its manifest keeps
+    assert records[-1].ran == bench.exported.manifest.speculative_config
     for r in records:  # greedy: every backend and method generates the same tokens
         assert r.accuracy == pytest.approx(1.0, abs=1e-5) and r.generated_tokens == 20
     assert records[0].speedup == 1.0
@@ -147,7 +150,7 @@ def test_step_overhead_table(tmp_path):
     (["--methods", "ar,bogus"], "unknown --methods bogus"),
     (["--backends", "pytorch,tpu"], "unknown --backends tpu"),
     (["--budgets", "7"], "no spectr shape for budget 7"),
-    (["--backends", "onnxruntime", "--model-dir", "d", "--methods", "ar,sd,auto"], "run none of --methods auto"),
+    (["--backends", "onnxruntime", "--model-dir", "d", "--methods", "ar,sd,ar-loop"], "run none of --methods ar-loop"),
     (["--backends", "llama.cpp", "--methods", "ar,sd"], "run none of --methods sd"),
     (["--target", "t", "--draft", "d", "--draft-kinds", "feature"], "--draft-kinds picks embedded drafts"),
     (["--model-dir", "d"], "--model-dir is for --backends onnxruntime"),

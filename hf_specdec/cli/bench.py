@@ -34,9 +34,7 @@ DEFAULTS = {"draft_kinds": ["feature"], "backends": ["pytorch"], "quantize": "no
 # --overhead's options (it reads these, --max-new-tokens and the output paths --json, --out), and its defaults
 OVERHEAD = {"batches": [1, 4, 16], "vocabs": [49152, 128256], "device": "cpu"}
 OVERHEAD_MAX_NEW_TOKENS = 32  # its trees' decoding length: the default and the most it takes
-# the methods that run on the PyTorch models only (on other backends "ar" already runs through the loop; the planner
-# and HF assisted generation need the PyTorch models)
-PYTORCH_METHODS = ("ar-loop", "auto", "hf-assisted")
+UNBUDGETED_METHODS = ("ar", "ar-loop", "auto", "hf-assisted")  # methods that take no --budgets
 
 
 def add_parser(subparsers) -> None:
@@ -69,9 +67,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model-dir", type=Path, help="ONNX export of the pair for --backends onnxruntime")
     parser.add_argument("--methods", type=_csv_list(str),
                         help="ar (plain generate), ar-loop (plain decoding through hf_specdec's loop and kernels), "
-                        "auto (the planner's pick, which learns from the runs before it), "
-                        "hf-assisted, sd, spectr, rsd-c, rsd-s (default: all; ar-loop, auto and hf-assisted run on "
-                        "the pytorch backend only)")
+                        "auto (the planner's pick, which learns from the runs before it; on onnxruntime the config "
+                        "the export planned), hf-assisted, sd, spectr, rsd-c, rsd-s (default: all; ar-loop and "
+                        "hf-assisted run on the pytorch backend only)")
     parser.add_argument("--budgets", type=_csv_list(int),
                         help=f"draft tokens the target scores per step (default {_listed(FULL['budgets'])})")
     parser.add_argument("--assistant-tokens", type=_csv_list(int),
@@ -344,18 +342,18 @@ def check_bench_options(args: argparse.Namespace, given: list[str]) -> None:
         unknown = [value for value in values if value not in known]
         if unknown:
             raise SystemExit(f"unknown {flag} {_listed(unknown)}; expected some of {_listed(known)}")
-    tree_methods = [method for method in args.methods if method not in ("ar", *PYTORCH_METHODS)]
+    tree_methods = [method for method in args.methods if method not in UNBUDGETED_METHODS]
     for method in tree_methods:
         for budget in args.budgets:
             try:
                 config_for_budget(method, budget)
             except ValueError as error:
                 raise SystemExit(f"--budgets: {error}") from None
-    runs = {"pytorch": METHODS, "onnxruntime": ("ar", *tree_methods), "llama.cpp": ("ar",)}
+    runs = {"pytorch": METHODS, "onnxruntime": ("ar", "auto", *tree_methods), "llama.cpp": ("ar",)}
     unrun = [method for method in args.methods if not any(method in runs[backend] for backend in args.backends)]
     if unrun:
-        raise SystemExit(f"--backends {_listed(args.backends)} run none of --methods {_listed(unrun)} (ar-loop, auto "
-                         "and hf-assisted run on pytorch only, llama.cpp runs ar only): add pytorch to --backends, or "
+        raise SystemExit(f"--backends {_listed(args.backends)} run none of --methods {_listed(unrun)} (ar-loop and "
+                         "hf-assisted run on pytorch only, llama.cpp runs ar only): add pytorch to --backends, or "
                          "drop them from --methods")
     if args.target is not None and "draft_kinds" in given:
         raise SystemExit("--draft-kinds picks embedded drafts, which run with the embedded target only: drop it "
