@@ -4,6 +4,8 @@ quantized target graph itself (greedy identity with its own one-token decoding, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import gguf
 import numpy as np
 import onnx
@@ -450,3 +452,14 @@ def test_measured_forwards_interpolate_and_extend():
     forwards = exported_plan.MeasuredForwards((1, 2, 4), (1.0, 2.0, 3.0))
     assert [forwards.seconds(1, n, 0) for n in (1, 3, 4, 8)] == [1.0, 2.5, 3.0, 5.0]
     assert forwards.forward(1, 2, 0) == {"measured": 2.0}
+
+
+def test_a_plan_from_another_machine_is_pointed_out(quantized):
+    _, _, pair = quantized
+    assert exported_plan.planned_elsewhere(pair.manifest, "cpu") is None  # planned here
+    manifest = dataclasses.replace(pair.manifest, export={
+        **pair.manifest.export, "planned": {**pair.manifest.export["planned"], "device": "Another CPU"}})
+    note = exported_plan.planned_elsewhere(manifest, "cpu")
+    assert "planned on Another CPU" in note and "--config" in note
+    given = dataclasses.replace(pair.manifest, export={k: v for k, v in pair.manifest.export.items() if k != "planned"})
+    assert exported_plan.planned_elsewhere(given, "cpu") is None  # a config given at export, not planned

@@ -146,6 +146,12 @@ def exported_generator(args):
     generation_config.update(**sampling_options(args))
     config = pair.manifest.speculative_config if args.config == "auto" else args.config
     device = pair.target.device
+    if args.config == "auto":
+        from hf_specdec.planner.exported import planned_elsewhere
+
+        note = planned_elsewhere(pair.manifest, device)
+        if note is not None:
+            print(f"note: {note}", file=sys.stderr)
 
     def generate(inputs, streamer):
         result = decode(pair.target, pair.draft, inputs["input_ids"].to(device), generation_config, config,

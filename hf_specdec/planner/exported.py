@@ -87,7 +87,6 @@ def plan_exported(target_backend, draft_backend, target_model, draft_model, max_
     from hf_specdec.loop import host_threads
     from hf_specdec.planner import dynamic
     from hf_specdec.planner.acceptance import pair_acceptance
-    from hf_specdec.planner.calibration import cpu_name
     from hf_specdec.planner.loop_cost import Sampling, loop_cost
     from hf_specdec.planner.planning import rank
     from hf_specdec.planner.trees import default_candidates
@@ -105,7 +104,7 @@ def plan_exported(target_backend, draft_backend, target_model, draft_model, max_
     config = dynamic(best) if best is not None and best.speedup > 1.0 else SpeculativeConfig.ar()
     record = {
         "config": str(config),
-        "device": torch.cuda.get_device_name(device) if (device := target_backend.device).type == "cuda" else cpu_name(),
+        "device": device_label(target_backend.device),
         "target_forward_ms": target.to_json(),
         "draft_forward_ms": draft.to_json(),
         "acceptance": acceptance.description,
@@ -115,3 +114,22 @@ def plan_exported(target_backend, draft_backend, target_model, draft_model, max_
         "time": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     return config, record
+
+
+def device_label(device) -> str:
+    """What the plan records as where it was measured: the GPU's or the CPU's model name."""
+    from hf_specdec.planner.calibration import cpu_name
+
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+
+
+def planned_elsewhere(manifest, device) -> str | None:
+    """A note where the export's config was planned on another device than `device` (None where it was not, or the
+    config was given rather than planned)."""
+    planned = manifest.export.get("planned")
+    if planned is None or planned["device"] == device_label(device):
+        return None
+    return (f"the config this export runs for --config auto ({planned['config']}) was planned on {planned['device']}, "
+            f"not on this {device_label(device)}: export again here (hf-specdec export ... --config auto), or pass "
+            "--config")
