@@ -23,7 +23,9 @@ from hf_specdec.planner import MachineSpeed
 # separates what the backend's kernels gain from what speculation gains
 # "auto": the planner's pick at each generate call (it learns from the runs before it; plain decoding where no tree pays);
 # on onnxruntime, the config the export planned from its own graphs' forwards (`hf_specdec.planner.exported`)
-METHODS = ("ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto")
+# "prompt-lookup": llama.cpp with llama-cpp-python's own prompt-lookup speculation (llama.cpp only)
+METHODS = ("ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto", "prompt-lookup")
+PROMPT_LOOKUP_TOKENS = 10  # llama-cpp-python's default number of tokens it copies
 # "llama.cpp": plain decoding of the target's GGUF through llama-cpp-python (`hf_specdec.llama_cpp_runner`): the
 # reference for the int4 ONNX Runtime rows (`--quantize int4`); it runs "ar" only
 BACKENDS = ("pytorch", "onnxruntime", "llama.cpp")
@@ -109,8 +111,13 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted
             raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
         stored = (weights or {}).get(backend, "")
         if backend == "llama.cpp":
-            if "ar" in methods:
-                settings += [Setting("ar", "ar", 0, t, 0, backend=backend, weights=stored) for t in temperatures]
+            lookup = PROMPT_LOOKUP_TOKENS
+            for t in temperatures:
+                if "ar" in methods:
+                    settings.append(Setting("ar", "ar", 0, t, 0, backend=backend, weights=stored))
+                if "prompt-lookup" in methods:
+                    settings.append(Setting("prompt-lookup", f"prompt-lookup:n={lookup}", lookup, t, 0,
+                                            backend=backend, weights=stored))  # drafting is a lookup: no forwards
             continue
         before = len(settings)
         for temperature in temperatures:
@@ -120,6 +127,8 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted
                 elif method == "ar-loop":
                     if backend == "pytorch":  # on other backends "ar" already runs through the loop
                         settings.append(Setting("ar-loop", "ar", 0, temperature, 0))
+                elif method == "prompt-lookup":
+                    continue  # llama.cpp's own (above)
                 elif method == "auto":
                     if backend == "pytorch":  # the planner's pick at each call
                         settings += [Setting("auto", "auto", 0, temperature, 0, draft=draft) for draft in drafts]
@@ -241,7 +250,8 @@ class Bench:
         return result.sequences, result.stats
 
     def _llama_cpp(self, setting: Setting, input_ids, max_new_tokens: int):
-        """Plain decoding in llama.cpp; its stats as the loop reports them (one target call per token)."""
+        """llama.cpp's plain decoding or its prompt-lookup speculation; its stats as the loop reports them (target
+        calls: llama.cpp's forwards, the prompt's included, which yields the first token)."""
         from types import SimpleNamespace
 
         if self.llama_cpp is None:
@@ -249,9 +259,10 @@ class Bench:
         eos = self.target.generation_config.eos_token_id
         eos = None if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         seed = int(torch.randint(0, 2**31 - 1, ()))  # from the prompt's seed (`run` seeds torch per prompt)
-        out = self.llama_cpp.generate(input_ids[0].tolist(), max_new_tokens, setting.temperature, seed, eos)
+        runner = self.llama_cpp if setting.method == "ar" else self.llama_cpp.prompt_lookup(setting.budget)
+        out = runner.generate(input_ids[0].tolist(), max_new_tokens, setting.temperature, seed, eos)
         sequence = torch.cat([input_ids[0], torch.tensor(out.tokens, dtype=input_ids.dtype)])[None]
-        stats = SimpleNamespace(target_calls=len(out.tokens), draft_calls=0, time_total=out.seconds,
+        stats = SimpleNamespace(target_calls=out.forwards, draft_calls=0, time_total=out.seconds,
                                 time_prefill=out.prefill_seconds)
         return sequence, stats
 

@@ -5,7 +5,10 @@ kernels on the same GGUF weights.
 The runner feeds token ids (the bench's prompts, tokenized by the Hugging Face tokenizer, which transformers built
 from the same GGUF), decodes one token per forward, greedy at temperature 0 and at temperature T > 0 samples from the
 full distribution (top-k, top-p, min-p and typical-p off, no repetition penalty: what the bench's other rows do), and
-stops at an eos token or after `max_new_tokens`.
+stops at an eos token or after `max_new_tokens`. `prompt_lookup(n)` is the same model with llama-cpp-python's own
+speculation (`LlamaPromptLookupDecoding`: up to n tokens copied from where the last two tokens occurred before in the
+prompt or the reply, scored in one forward; a drafted token is kept where the token sampled at its position equals
+it, which keeps greedy and sampled output the model's).
 
 `llama-cpp-python` is an optional dependency (`pip install "hf-specdec[llama-cpp]"`) that builds llama.cpp from
 source. A default build targets the build machine's CPU (GGML_NATIVE) and, on machines whose CPUs differ from what
@@ -47,14 +50,17 @@ class LlamaCppGeneration:
     tokens: list[int]
     prefill_seconds: float
     seconds: float
+    forwards: int  # llama.cpp evaluations, the prompt's included (plain decoding: one per token)
 
 
 class LlamaCppRunner:
     """A GGUF model in llama.cpp (`llama_cpp.Llama`), CPU only, `threads` threads for decoding and prompts."""
 
-    def __init__(self, gguf_path: "str | Path", threads: int | None = None, context: int = 2048, seed: int = 0):
+    def __init__(self, gguf_path: "str | Path", threads: int | None = None, context: int = 2048, seed: int = 0,
+                 prompt_lookup_tokens: int | None = None):
         try:
             from llama_cpp import Llama
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
         except ImportError as error:
             raise LlamaCppUnavailable(INSTALL_HINT) from error
         if not Path(gguf_path).is_file():
@@ -63,12 +69,21 @@ class LlamaCppRunner:
             import torch
 
             threads = torch.get_num_threads()
-        self.path, self.threads = Path(gguf_path), threads
+        self.path, self.threads, self.seed = Path(gguf_path), threads, seed
+        self.prompt_lookup_tokens = prompt_lookup_tokens
+        draft = None if prompt_lookup_tokens is None else LlamaPromptLookupDecoding(num_pred_tokens=prompt_lookup_tokens)
         self.model = Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=context,
-                           n_gpu_layers=0, seed=seed, verbose=False)
+                           n_gpu_layers=0, seed=seed, verbose=False, draft_model=draft)
+        self._with_lookup: dict[int, LlamaCppRunner] = {}
         self.vocab_size = self.model.n_vocab()
         self.context = self.model.n_ctx()
         self.eos_token_id = self.model.token_eos()
+
+    def prompt_lookup(self, tokens: int) -> "LlamaCppRunner":
+        """The same GGUF with llama-cpp-python's prompt-lookup speculation of up to `tokens` tokens (loaded once)."""
+        if tokens not in self._with_lookup:
+            self._with_lookup[tokens] = LlamaCppRunner(self.path, self.threads, self.context, self.seed, tokens)
+        return self._with_lookup[tokens]
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, temperature: float = 0.0, seed: int = 0,
                  eos_token_ids: Sequence[int] | None = None) -> LlamaCppGeneration:
@@ -85,14 +100,25 @@ class LlamaCppRunner:
         self.model.reset()  # no prefix reuse from the previous prompt: every prompt is evaluated in full
         self.model.set_seed(seed)
         sampling = dict(temp=float(temperature), top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0, repeat_penalty=1.0)
-        tokens, first = [], None
+        tokens, first, forwards = [], None, 0
+        evaluate = self.model.eval
+
+        def counted(batch):  # every llama.cpp forward goes through Llama.eval
+            nonlocal forwards
+            forwards += 1
+            return evaluate(batch)
+
+        self.model.eval = counted
         start = time.perf_counter()
-        if max_new_tokens > 0:
-            for token in self.model.generate(prompt, reset=True, **sampling):
-                if first is None:
-                    first = time.perf_counter() - start
-                tokens.append(int(token))
-                if tokens[-1] in stop or len(tokens) >= max_new_tokens:
-                    break
+        try:
+            if max_new_tokens > 0:
+                for token in self.model.generate(prompt, reset=True, **sampling):
+                    if first is None:
+                        first = time.perf_counter() - start
+                    tokens.append(int(token))
+                    if tokens[-1] in stop or len(tokens) >= max_new_tokens:
+                        break
+        finally:
+            del self.model.eval  # the class's method again
         seconds = time.perf_counter() - start
-        return LlamaCppGeneration(tokens, seconds if first is None else first, seconds)
+        return LlamaCppGeneration(tokens, seconds if first is None else first, seconds, forwards)

@@ -34,18 +34,23 @@ def test_the_bench_skips_llama_cpp_rows_without_it(monkeypatch, capsys):
 
 
 class StandInRunner:
-    """Replays the PyTorch target's own greedy continuation, as llama.cpp would on the same weights."""
+    """Replays the PyTorch target's own greedy continuation, as llama.cpp would on the same weights; with prompt
+    lookup, as if every step kept `accepted` tokens."""
 
     path = None
 
-    def __init__(self, target):
-        self.target, self.calls = target, []
+    def __init__(self, target, accepted: int = 1):
+        self.target, self.calls, self.accepted, self.lookups = target, [], accepted, {}
+
+    def prompt_lookup(self, tokens):
+        return self.lookups.setdefault(tokens, StandInRunner(self.target, accepted=3))
 
     def generate(self, prompt_ids, max_new_tokens, temperature=0.0, seed=0, eos_token_ids=None):
         self.calls.append((len(prompt_ids), max_new_tokens, temperature, seed, eos_token_ids))
         out = self.target.generate(torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens,
                                    pad_token_id=0)
-        return LlamaCppGeneration(out[0, len(prompt_ids):].tolist(), 0.001, 0.01)
+        tokens = out[0, len(prompt_ids):].tolist()
+        return LlamaCppGeneration(tokens, 0.001, 0.01, -(-len(tokens) // self.accepted))
 
 
 def test_llama_cpp_rows_in_the_bench():
@@ -54,10 +59,15 @@ def test_llama_cpp_rows_in_the_bench():
     runner = StandInRunner(target)
     bench = Bench(target, {}, word_tokenizer(96), ["t1 t5 t9 t4", "t1 t7"], max_new_tokens=6, llama_cpp=runner,
                   predict=False)
-    settings = settings_for(["ar", "rsd-s"], [6], [0.0, 1.0], ["pytorch", "llama.cpp"], drafts=(),
+    settings = settings_for(["ar", "rsd-s", "prompt-lookup"], [6], [0.0, 1.0], ["pytorch", "llama.cpp"], drafts=(),
                             weights={"llama.cpp": "gguf:Q4_1"})
     assert [(s.backend, s.method, s.temperature, s.weights) for s in settings if s.backend == "llama.cpp"] == [
-        ("llama.cpp", "ar", 0.0, "gguf:Q4_1"), ("llama.cpp", "ar", 1.0, "gguf:Q4_1")]  # plain decoding only
+        ("llama.cpp", "ar", 0.0, "gguf:Q4_1"), ("llama.cpp", "prompt-lookup", 0.0, "gguf:Q4_1"),
+        ("llama.cpp", "ar", 1.0, "gguf:Q4_1"), ("llama.cpp", "prompt-lookup", 1.0, "gguf:Q4_1")]  # no trees there
+    assert all(s.backend == "llama.cpp" for s in settings if s.method == "prompt-lookup")
+    lookup = bench.run(next(s for s in settings if s.method == "prompt-lookup"))
+    # its own runner (llama-cpp-python's prompt lookup), its forwards counted: 3 tokens a forward here
+    assert runner.lookups[10].calls and lookup.target_calls == 4 and lookup.block_efficiency == 3.0
     records = [bench.run(s) for s in settings if s.method == "ar"]
     relate_to_plain(records)
     greedy = next(r for r in records if r.backend == "llama.cpp" and r.temperature == 0)
@@ -89,3 +99,16 @@ def test_llama_cpp_decodes_the_packaged_gguf(packaged_gguf):
     sampled = runner.generate(prompt, 8, temperature=1.0, seed=3)
     assert runner.generate(prompt, 8, temperature=1.0, seed=3).tokens == sampled.tokens  # seeded
     assert 0 < greedy.prefill_seconds <= greedy.seconds
+    assert greedy.forwards == len(greedy.tokens)  # plain decoding: the prompt's forward, then one per token
+
+
+def test_prompt_lookup_speculation_in_llama_cpp(packaged_gguf):
+    """llama-cpp-python's prompt lookup on the same GGUF: a prompt that repeats itself is copied several tokens a
+    forward, and the greedy text is plain decoding's."""
+    runner = LlamaCppRunner(packaged_gguf, threads=1, context=256)
+    lookup = runner.prompt_lookup(10)
+    assert runner.prompt_lookup(10) is lookup and lookup.prompt_lookup_tokens == 10
+    prompt = [1, 504, 3458, 282, 1116, 314, 253, 504, 3458, 282, 1116, 314, 253, 504, 3458]
+    plain, fast = runner.generate(prompt, 24), lookup.generate(prompt, 24)
+    assert fast.tokens == plain.tokens
+    assert fast.forwards < plain.forwards

@@ -34,7 +34,7 @@ DEFAULTS = {"draft_kinds": ["feature"], "backends": ["pytorch"], "quantize": "no
 # --overhead's options (it reads these, --max-new-tokens and the output paths --json, --out), and its defaults
 OVERHEAD = {"batches": [1, 4, 16], "vocabs": [49152, 128256], "device": "cpu"}
 OVERHEAD_MAX_NEW_TOKENS = 32  # its trees' decoding length: the default and the most it takes
-UNBUDGETED_METHODS = ("ar", "ar-loop", "auto", "hf-assisted")  # methods that take no --budgets
+UNBUDGETED_METHODS = ("ar", "ar-loop", "auto", "hf-assisted", "prompt-lookup")  # methods that take no --budgets
 
 
 def add_parser(subparsers) -> None:
@@ -68,8 +68,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--methods", type=_csv_list(str),
                         help="ar (plain generate), ar-loop (plain decoding through hf_specdec's loop and kernels), "
                         "auto (the planner's pick, which learns from the runs before it; on onnxruntime the config "
-                        "the export planned), hf-assisted, sd, spectr, rsd-c, rsd-s (default: all; ar-loop and "
-                        "hf-assisted run on the pytorch backend only)")
+                        "the export planned), hf-assisted, sd, spectr, rsd-c, rsd-s (default: all of these; ar-loop and "
+                        "hf-assisted run on the pytorch backend only), prompt-lookup (llama.cpp's own speculation, "
+                        "llama.cpp only)")
     parser.add_argument("--budgets", type=_csv_list(int),
                         help=f"draft tokens the target scores per step (default {_listed(FULL['budgets'])})")
     parser.add_argument("--assistant-tokens", type=_csv_list(int),
@@ -349,12 +350,14 @@ def check_bench_options(args: argparse.Namespace, given: list[str]) -> None:
                 config_for_budget(method, budget)
             except ValueError as error:
                 raise SystemExit(f"--budgets: {error}") from None
-    runs = {"pytorch": METHODS, "onnxruntime": ("ar", "auto", *tree_methods), "llama.cpp": ("ar",)}
+    runs = {"pytorch": [m for m in METHODS if m != "prompt-lookup"], "onnxruntime": ("ar", "auto", *tree_methods),
+            "llama.cpp": ("ar", "prompt-lookup")}
     unrun = [method for method in args.methods if not any(method in runs[backend] for backend in args.backends)]
     if unrun:
         raise SystemExit(f"--backends {_listed(args.backends)} run none of --methods {_listed(unrun)} (ar-loop and "
-                         "hf-assisted run on pytorch only, llama.cpp runs ar only): add pytorch to --backends, or "
-                         "drop them from --methods")
+                         "hf-assisted run on pytorch only, prompt-lookup on llama.cpp only, llama.cpp runs ar and "
+                         "prompt-lookup only): add the backend that runs them to --backends, or drop them from "
+                         "--methods")
     if args.target is not None and "draft_kinds" in given:
         raise SystemExit("--draft-kinds picks embedded drafts, which run with the embedded target only: drop it "
                          "(--draft is the draft for --target)")
