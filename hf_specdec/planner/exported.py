@@ -1,10 +1,9 @@
 """`auto` for an exported pair: the tree shape (or plain decoding) chosen at export, from forwards timed on the
 exported graphs themselves on the machine that exports them.
 
-The PyTorch planner calibrates the PyTorch models; an exported graph runs other kernels, and their cost by token
-count differs by more than any correction of that calibration could carry: ONNX Runtime's exact 4-bit products cost
-2.5-2.8x at 7 tokens what they cost at 1 on a 2-core AMD EPYC, where PyTorch's prepacked fp32 forward costs ~1.3x.
-So the export times its own graphs on ONNX Runtime (the target at the token counts trees score, the draft at those
+The PyTorch planner calibrates the PyTorch models; an exported graph runs other kernels, whose cost by token count
+that calibration does not know (ONNX Runtime's exact 4-bit products: a 7-token forward of the int4 SmolLM2 target
+costs 2.5-2.8x a one-token one on a 2-core AMD EPYC). So the export times its own graphs on ONNX Runtime (the target at the token counts trees score, the draft at those
 it drafts, after `CONTEXT` cached tokens, with the loop's thread setting), and `planning.rank` predicts each shape
 from those times, the pair's acceptance (what runs of the PyTorch pair recorded on this machine, else the planner's
 conservative default) and the loop's own cost per step (`loop_cost`). The manifest keeps the best shape as the config
