@@ -6,7 +6,8 @@ that calibration does not know (ONNX Runtime's exact 4-bit products: a 7-token f
 costs 2.5-2.8x a one-token one on a 2-core AMD EPYC). So the export times its own graphs on ONNX Runtime (the target at the token counts trees score, the draft at those
 it drafts, after `CONTEXT` cached tokens, with the loop's thread setting), and `planning.rank` predicts each shape
 from those times, the pair's acceptance (what runs of the PyTorch pair recorded on this machine, else the planner's
-conservative default) and the loop's own cost per step (`loop_cost`). The manifest keeps the best shape as the config
+conservative default) and the loop's own cost per step (`loop_cost`, measured on the threads the loop gets beside
+these backends). The manifest keeps the best shape as the config
 `generate --config auto` runs, or `ar` where none is predicted to beat plain decoding of these graphs, with what it
 was chosen from (`planned`): on another machine, export again or pass `--config`.
 """
@@ -93,11 +94,11 @@ def plan_exported(target_backend, draft_backend, target_model, draft_model, max_
     candidates = [c for c in default_candidates() if c.tree_size + 1 <= max_new_tokens]
     counts = tuple(n for n in TIMED_TOKENS if n <= max_new_tokens)
     context = min(CONTEXT, max_past - counts[-1])
-    with host_threads((target_backend, draft_backend)):  # as the loop runs them
+    with host_threads((target_backend, draft_backend)):  # as the loop runs beside these backends
         target = time_forwards(target_backend, counts, context)
         draft = time_forwards(draft_backend, counts, context)
+        loop = loop_cost(target_model, draft_model, 1, Sampling())  # cached per thread count too
     acceptance = pair_acceptance(target_model, draft_model)
-    loop = loop_cost(target_model, draft_model, 1, Sampling())
     ranked = rank(target, 1, context, acceptance, draft, candidates, loop)
     best = ranked[0] if ranked else None
     config = dynamic(best) if best is not None and best.speedup > 1.0 else SpeculativeConfig.ar()
