@@ -27,7 +27,7 @@ from hf_specdec.planner import MachineSpeed
 METHODS = ("ar", "ar-loop", "hf-assisted", "sd", "spectr", "rsd-c", "rsd-s", "auto", "prompt-lookup")
 PROMPT_LOOKUP_TOKENS = 10  # llama-cpp-python's default number of tokens it copies
 # "llama.cpp": plain decoding of the target's GGUF through llama-cpp-python (`hf_specdec.llama_cpp_runner`): the
-# reference for the int4 ONNX Runtime rows (`--quantize int4`); it runs "ar" only
+# reference for the int4 ONNX Runtime rows (`--quantize int4`); it runs "ar" and "prompt-lookup" only
 BACKENDS = ("pytorch", "onnxruntime", "llama.cpp")
 BUDGETS = (6, 10, 14, 21, 30)
 # HF assisted generation: its defaults, then a sweep of num_assistant_tokens (constant schedule) for its best
@@ -104,7 +104,7 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted
                  drafts=("draft",), assistant: str | None = "draft", weights: dict[str, str] | None = None) -> list[Setting]:
     """Every (backend, temperature, method, shape, draft) to measure: the speculative methods with each of `drafts`,
     HF assisted generation (on PyTorch only) with `assistant` (None: no HF assisted rows); llama.cpp runs plain
-    decoding ("ar") only. `weights`: backend -> how it stores the weights, recorded with its settings."""
+    decoding ("ar") and its own prompt lookup ("prompt-lookup") only. `weights`: backend -> how it stores the weights, recorded with its settings."""
     settings = []
     for backend in backends:
         if backend not in BACKENDS:
