@@ -43,7 +43,6 @@ from hf_specdec.export.manifest import (
     ManifestError,
     reexport_hint,
 )
-from hf_specdec.verification import verify_tree
 
 ELEMENT_TYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.bool: np.bool_}
 CAPACITY_BLOCK = 64  # cache capacity grows in multiples of this many slots
@@ -281,7 +280,7 @@ class ExportedPair:
     generation_config: object  # transformers.GenerationConfig: the target's defaults saved at export
     manifest: Manifest
     model_dir: Path
-    verifier: Callable = verify_tree  # `verify_tree` or an implementation with its signature
+    verifier: Callable | None = None  # an implementation of the verifier interface; None: the device's default
 
 
 def default_device() -> str:
@@ -291,7 +290,7 @@ def default_device() -> str:
 
 
 def load_exported_pair(model_dir: "str | Path", open_backend: Callable[[Path, str, Manifest], OrtBackend],
-                       verifier: Callable = verify_tree) -> ExportedPair:
+                       verifier: Callable | None = None) -> ExportedPair:
     """Both models of an export (`hf-specdec export --out DIR`), each opened by `open_backend(model_dir, role,
     manifest)`, with its tokenizer; checked against the manifest."""
     from transformers import AutoTokenizer, GenerationConfig

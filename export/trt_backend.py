@@ -88,6 +88,7 @@ class TensorRTVerifier:
         self.runners: dict[str, EngineRunner] = {}
 
     def __call__(self, verify: VerifyInputs) -> VerifyResult:
+        verify = verify.dense()  # the engines take [B, N+1, V] distributions
         rule, paths, target_probs, draft_probs = verify.rule, verify.paths, verify.target_probs, verify.draft_probs
         if rule not in self.runners:
             inputs, outputs = verify_specs()

@@ -19,6 +19,7 @@ import torch
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.processors import top_entries
 from hf_specdec.trees import DraftTree
+from hf_specdec.verification import SparseProbs
 
 _TOKEN_RANGE = 1 << 32  # above every token id: a (node, token) pair as one integer key
 
@@ -42,19 +43,31 @@ def compact_log_probs(scores: torch.Tensor, capacity: int) -> tuple[torch.Tensor
 
 
 class DraftProbsBuffer:
-    """The draft tree's [B, N+1, V] q buffer, kept from step to step: all zero but what the last step recorded, which
-    the next step clears entry by entry, so that recording a compact q costs its support, not the vocabulary (and the
-    buffer is not mapped afresh, page by page, at every step). Nodes never recorded hold zeros."""
+    """Where one step's sampling drafters record q at the tree's nodes (`start`, then `record` per level, `probs` for
+    the verifier), with storage kept from step to step. While every level's q comes compact with the same number C
+    of entries (a top-k warper, a reduced-vocabulary draft) it stays so: `SparseProbs` [B, N+1, C], which the
+    verifier reads as such. Otherwise a dense [B, N+1, V] buffer, all zero but what the last step recorded, which the
+    next step clears entry by entry (recording a compact q costs its support, not the vocabulary, and the buffer is
+    not mapped afresh, page by page, at every step). Nodes never recorded hold zeros."""
 
     def __init__(self):
         self.buffer: torch.Tensor | None = None
         self.written: list[tuple[int, int, torch.Tensor | None]] = []  # node range, tokens (None: whole rows)
+        self.shape: tuple[int, ...] = ()
+        self.device: torch.device | None = None
+        self.sparse: SparseProbs | None = None
+        self.dense = False  # this step records into `buffer`
 
-    def take(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-        """A float32 zero buffer of this shape on `device` (reused when they match)."""
+    def start(self, shape: tuple[int, ...], device: torch.device) -> DraftProbsBuffer:
+        """A step's empty record of q, [B, N+1, V]."""
+        self.shape, self.device, self.sparse, self.dense = tuple(shape), torch.device(device), None, False
+        return self
+
+    def _dense_buffer(self) -> torch.Tensor:
+        """The float32 dense buffer of this step's shape, zero (reused when the shape and device match)."""
         buffer = self.buffer
-        if buffer is None or tuple(buffer.shape) != tuple(shape) or buffer.device != torch.device(device):
-            self.buffer, self.written = torch.zeros(shape, dtype=torch.float32, device=device), []
+        if buffer is None or tuple(buffer.shape) != self.shape or buffer.device != self.device:
+            self.buffer, self.written = torch.zeros(self.shape, dtype=torch.float32, device=self.device), []
             return self.buffer
         for start, end, token_ids in self.written:
             if token_ids is None:
@@ -64,14 +77,43 @@ class DraftProbsBuffer:
         self.written = []
         return buffer
 
+    def _to_dense(self) -> None:
+        """From here on this step records densely (what was recorded sparsely so far moves over)."""
+        buffer = self._dense_buffer()
+        if self.sparse is not None:
+            buffer.scatter_(2, self.sparse.token_ids, self.sparse.values.to(buffer.dtype))
+            self.written.append((0, self.shape[1], self.sparse.token_ids))
+            self.sparse = None
+        self.dense = True
+
     def record(self, start: int, end: int, logq: torch.Tensor, token_ids: torch.Tensor | None) -> None:
         """q = exp(logq) of nodes start..end-1 (every row), dense [B, n, V] or compact with `token_ids` [B, n, C]."""
+        q = logq.exp()
+        if token_ids is not None and not self.dense:
+            if self.sparse is None:
+                batch, slots, _ = self.shape
+                self.sparse = SparseProbs(q.new_zeros(batch, slots, q.shape[-1]),
+                                          token_ids.new_zeros(batch, slots, q.shape[-1]), self.shape[-1])
+            if self.sparse.values.shape[-1] == q.shape[-1]:
+                self.sparse.values[:, start:end] = q
+                self.sparse.token_ids[:, start:end] = token_ids
+                return
+        if not self.dense:
+            self._to_dense()
         rows = self.buffer[:, start:end]
         if token_ids is None:
-            rows.copy_(logq.exp())
+            rows.copy_(q)
         else:
-            rows.scatter_(2, token_ids, logq.exp().to(rows.dtype))
+            rows.scatter_(2, token_ids, q.to(rows.dtype))
         self.written.append((start, end, token_ids))
+
+    def probs(self, end: int) -> torch.Tensor | SparseProbs:
+        """q of nodes 0 .. end - 1, for the verifier."""
+        if self.sparse is not None:
+            return self.sparse.nodes(end)
+        if not self.dense:  # nothing recorded
+            self._to_dense()
+        return self.buffer[:, :end]
 
 
 def _tokens(index: torch.Tensor, token_ids: torch.Tensor | None, dim: int) -> torch.Tensor:

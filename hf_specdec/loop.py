@@ -32,7 +32,7 @@ from hf_specdec.drafting import DraftProbsBuffer, compact_log_probs, make_drafte
 from hf_specdec.limits import check_step_fits
 from hf_specdec.processors import NodeScorer, prefix_lengths
 from hf_specdec.trees import DraftTree, compact_rows
-from hf_specdec.verification import Verifier, VerifyInputs, rule_for_method
+from hf_specdec.verification import SparseProbs, Verifier, VerifyInputs, rule_for_method
 
 
 @contextlib.contextmanager
@@ -400,7 +400,7 @@ class SpeculativeDecoder:
             capacity=self.config.tree_size,
             max_depth=self.config.depth,
             # q goes to a buffer kept between steps (zero but what the last step recorded)
-            draft_probs=self._draft_probs.take((len(rows), self.config.tree_size + 1, self.target.vocab_size), device)
+            draft_probs=self._draft_probs.start((len(rows), self.config.tree_size + 1, self.target.vocab_size), device)
             if (self.do_sample and depth > 0) else None,
         )
         draft = self._draft(state, out, tree, depth) if depth > 0 else None
@@ -418,15 +418,14 @@ class SpeculativeDecoder:
             return_features=draft is not None and self.draft_inputs.reads_features)
         tick2 = timer.now()
 
-        scores = self.scorer(logits, out.sequences[rows], tree.path_tokens[:, :size], rows, lengths, tree.node_depths())
-        target_probs = scores.softmax(-1) if self.do_sample else scores
+        scores, target_probs = self._target_probs(logits, out, state, tree, draft is not None)
         paths = draft.paths if draft is not None else torch.zeros(len(rows), 0, 0, dtype=torch.long, device=device)
         result = self.verifier(VerifyInputs(
             rule=self.rule,
             paths=paths,
             node_tokens=tokens,
             target_probs=target_probs,
-            draft_probs=None if tree.draft_probs is None else tree.draft_probs[:, :size],
+            draft_probs=None if tree.draft_probs is None else tree.draft_probs.probs(size),
             accept_uniforms=torch.rand(paths.shape, device=device),
             sample_uniforms=torch.rand(len(rows), device=device),
         ))
@@ -446,6 +445,23 @@ class SpeculativeDecoder:
                             draft, target_features, summary)
         if any(summary.finished):
             self._drop_rows(state, [a for a, done in enumerate(summary.finished) if not done])
+
+    def _target_probs(self, logits, out: Output, state: DecodeState, tree: DraftTree, drafted: bool):
+        """(scores [B, N+1, V] or None, p): the target's processed scores at the tree's nodes and what the verifier
+        reads, p (sampling) or the scores (greedy). Where a top-k warper bounds p's support and the draft's q came
+        sparse too, p is `SparseProbs` on each node's highest logits (`NodeScorer.top_support`): the processors and
+        the softmax run on C entries per node instead of the vocabulary (scores then None: not asked for)."""
+        rows, size = state.rows, tree.size
+        if (self.do_sample and drafted and not self.output_scores and tree.draft_probs.sparse is not None
+                and (capacity := self.scorer.support_capacity(self.target.vocab_size)) is not None):
+            node_prefix_lengths = prefix_lengths(state.host_lengths, tree.node_depths(), logits.device) \
+                if self.scorer.reads_prefix_lengths else None
+            top = self.scorer.top_support(logits, rows, capacity, node_prefix_lengths)
+            if top is not None:
+                return None, SparseProbs(top[0].softmax(-1), top[1], self.target.vocab_size)
+        scores = self.scorer(logits, out.sequences[rows], tree.path_tokens[:, :size], rows, state.host_lengths,
+                             tree.node_depths())
+        return scores, scores.softmax(-1) if self.do_sample else scores
 
     def _draft(self, state: DecodeState, out: Output, tree: DraftTree, depth: int) -> DraftStep:
         """Grow the draft tree to `depth` levels."""
@@ -533,7 +549,7 @@ class SpeculativeDecoder:
             else:
                 logq, token_ids = compact_log_probs(scores, capacity)
         if tree.draft_probs is not None:
-            self._draft_probs.record(first, first + nodes.shape[1], logq, token_ids)
+            tree.draft_probs.record(first, first + nodes.shape[1], logq, token_ids)
         return logq, token_ids
 
     @staticmethod

@@ -29,6 +29,18 @@ VALUE_ONLY = _classes(
     "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper", "LogitNormalization",
 )
 
+# `VALUE_ONLY` processors whose result does not depend on the order of the entries they see (thresholds on values,
+# no sort): on a node's highest scores they cut exactly the tokens they cut on the whole vocabulary, ties included
+# (min-p too where it forces no more than the most likely token in: `_order_free`)
+ORDER_FREE = _classes("TemperatureLogitsWarper", "TopKLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper",
+                      "LogitNormalization")
+
+
+def _order_free(processor) -> bool:
+    if isinstance(processor, lp.MinPLogitsWarper):
+        return processor.min_tokens_to_keep <= 1
+    return isinstance(processor, ORDER_FREE)
+
 # processors that look only at the scores: they can run on all nodes at once, whatever their prefixes
 PREFIX_FREE = VALUE_ONLY + _classes("InfNanRemoveLogitsProcessor", "SuppressTokensLogitsProcessor")
 
@@ -153,16 +165,45 @@ class NodeScorer:
         processors over [B, n, V] becomes one top-k over the logits.
         For the draft's q, whose exactness needs no more than recording what it samples from: where more tokens than
         `capacity` tie, q is restricted to `capacity` of them (see `drafting.compact_log_probs`)."""
-        processors = [p for p in self.processors if not _length_only(p)]
-        first_top_k = next((i for i, p in enumerate(processors) if isinstance(p, lp.TopKLogitsWarper)), None)
-        if first_top_k is None or not all(isinstance(p, VALUE_ONLY) for p in processors):
-            return None
-        if not all(isinstance(p, lp.TemperatureLogitsWarper) for p in processors[:first_top_k]):
-            return None
-        if self.reads_prefix_lengths and node_prefix_lengths is None:
+        if not self._top_logits_suffice(lambda p: isinstance(p, VALUE_ONLY), node_prefix_lengths):
             return None
         values, token_ids = top_entries(logits, capacity)
         return self._apply_to_nodes(values, row_ids, node_prefix_lengths, token_ids.flatten(0, 1)), token_ids
+
+    def top_support(self, logits: torch.Tensor, row_ids: torch.Tensor, capacity: int,
+                    node_prefix_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`on_top_logits` for the target, whose p must be the processed scores on the whole vocabulary exactly: the
+        processed scores [B, n, C] of each node's C = `capacity` highest logits (-inf past its support) and their
+        token ids, or None. None also where a warper that sorts follows the top-k (top-p, typical, top-h: which of
+        exactly tied scores they cut depends on the sort's order of the whole vocabulary, and bf16 logits tie
+        often), and where a node's C-th highest logit survives the top-k (more than C - k scores tied at its
+        threshold: tokens beyond these C would too); learning that reads one flag back to the host."""
+        if not self._top_logits_suffice(_order_free, node_prefix_lengths):
+            return None
+        values, token_ids = top_entries(logits, capacity)
+        if capacity >= logits.shape[-1]:
+            return self._apply_to_nodes(values, row_ids, node_prefix_lengths, token_ids.flatten(0, 1)), token_ids
+        # one more entry per node, the C-th highest logit again, under a token id no processor singles out: it is the
+        # lowest, so it changes no threshold, and it survives the processors only where the top-k keeps the C-th
+        floor = values.amin(-1, keepdim=True)
+        floor_ids = torch.full_like(token_ids[..., :1], -1)
+        scores = self._apply_to_nodes(torch.cat([values, floor], -1), row_ids, node_prefix_lengths,
+                                      torch.cat([token_ids, floor_ids], -1).flatten(0, 1))
+        if bool(scores[..., -1].isfinite().any()):  # the read back
+            return None
+        return scores[..., :-1], token_ids
+
+    def _top_logits_suffice(self, allowed, node_prefix_lengths: torch.Tensor | None) -> bool:
+        """Whether the processors give on the highest logits what they give on the whole vocabulary: all
+        `allowed(processor)` (or `LENGTH_ONLY`, given the prefix lengths), and only temperatures before the first
+        top-k."""
+        processors = [p for p in self.processors if not _length_only(p)]
+        first_top_k = next((i for i, p in enumerate(processors) if isinstance(p, lp.TopKLogitsWarper)), None)
+        if first_top_k is None or not all(allowed(p) for p in processors):
+            return False
+        if not all(isinstance(p, lp.TemperatureLogitsWarper) for p in processors[:first_top_k]):
+            return False
+        return not (self.reads_prefix_lengths and node_prefix_lengths is None)
 
     def on_entries(self, logits: torch.Tensor, row_ids: torch.Tensor, token_ids: torch.Tensor | None = None,
                    node_prefix_lengths: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -8,7 +8,12 @@ at the tensors; rows with fewer real nodes (a top-k warper leaves fewer tokens t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from hf_specdec.drafting import DraftProbsBuffer
 
 
 def compact_rows(valid: torch.Tensor, *tensors: torch.Tensor, width: int) -> tuple[torch.Tensor, ...]:
@@ -24,10 +29,10 @@ class DraftTree:
         root_tokens: torch.Tensor,
         capacity: int,
         max_depth: int,
-        draft_probs: torch.Tensor | None = None,
+        draft_probs: DraftProbsBuffer | None = None,
     ):
-        """`capacity`: most draft nodes per row; `draft_probs` [B, capacity + 1, V]: where sampling drafters record the
-        draft distribution of each node they run (None: not recorded)."""
+        """`capacity`: most draft nodes per row; `draft_probs` (of [B, capacity + 1, V]): where sampling drafters
+        record the draft distribution of each node they run (None: not recorded)."""
         batch, device = root_tokens.shape[0], root_tokens.device
         size = capacity + 1
         self.tokens = torch.zeros(batch, size, dtype=torch.long, device=device)

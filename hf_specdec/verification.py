@@ -199,16 +199,42 @@ def verify_row(
 
 
 @dataclass
+class SparseProbs:
+    """Per-node probabilities given on a few entries of the vocabulary, zero on all others: `values` [B, N+1, C] at
+    `token_ids` [B, N+1, C] (distinct within a node; entries of value 0 may fill). What the loop hands a verifier when
+    a top-k warper or a reduced-vocabulary draft bounds a distribution's support: C entries instead of V."""
+
+    values: torch.Tensor
+    token_ids: torch.Tensor
+    vocab_size: int
+
+    def dense(self) -> torch.Tensor:
+        """[B, N+1, V]: the values at their tokens, zeros elsewhere."""
+        out = self.values.new_zeros(*self.values.shape[:-1], self.vocab_size)
+        return out.scatter_(-1, self.token_ids, self.values)
+
+    def nodes(self, end: int) -> SparseProbs:
+        """Nodes 0 .. end - 1."""
+        return SparseProbs(self.values[:, :end], self.token_ids[:, :end], self.vocab_size)
+
+
+def dense_probs(probs: torch.Tensor | SparseProbs | None) -> torch.Tensor | None:
+    return probs.dense() if isinstance(probs, SparseProbs) else probs
+
+
+@dataclass
 class VerifyInputs:
     """One step's verification problem, batched over rows. Shapes: paths [B, P, L] (node indices, -1 padded),
     node_tokens [B, N+1], target_probs [B, N+1, V] (for "greedy" any scores with the target's argmax), draft_probs
-    [B, N+1, V] or None for "greedy", accept_uniforms [B, P, L], sample_uniforms [B]."""
+    [B, N+1, V] or None for "greedy", accept_uniforms [B, P, L], sample_uniforms [B]. The sampling rules' target_probs
+    and draft_probs may also come as `SparseProbs`: a verifier that works on the vocabulary reads `dense()` of the
+    inputs."""
 
     rule: str
     paths: torch.Tensor
     node_tokens: torch.Tensor
-    target_probs: torch.Tensor
-    draft_probs: torch.Tensor | None
+    target_probs: torch.Tensor | SparseProbs
+    draft_probs: torch.Tensor | SparseProbs | None
     accept_uniforms: torch.Tensor
     sample_uniforms: torch.Tensor
 
@@ -217,6 +243,19 @@ class VerifyInputs:
             raise ValueError(f"unknown verification rule {self.rule!r}; expected one of {RULES}")
         if self.draft_probs is None and self.rule != "greedy" and self.paths.shape[1] > 0:
             raise ValueError(f"rule {self.rule!r} needs draft_probs")
+        if self.rule == "greedy" and isinstance(self.target_probs, SparseProbs):
+            raise ValueError("the greedy rule reads the target's argmax over the vocabulary: give dense target_probs")
+
+    @property
+    def is_sparse(self) -> bool:
+        return isinstance(self.target_probs, SparseProbs) or isinstance(self.draft_probs, SparseProbs)
+
+    def dense(self) -> VerifyInputs:
+        """The same problem with dense [B, N+1, V] distributions."""
+        if not self.is_sparse:
+            return self
+        return VerifyInputs(self.rule, self.paths, self.node_tokens, dense_probs(self.target_probs),
+                            dense_probs(self.draft_probs), self.accept_uniforms, self.sample_uniforms)
 
 
 class Verifier(Protocol):
@@ -234,6 +273,7 @@ def tokens_at(node_tokens: torch.Tensor, accepted_nodes: torch.Tensor) -> torch.
 def verify_tree(inputs: VerifyInputs) -> VerifyResult:
     """The reference: rows are independent and walked one by one on the host."""
     inputs.check()
+    inputs = inputs.dense()
     batch, depth = inputs.paths.shape[0], inputs.paths.shape[2]
     accepted_nodes = torch.full((batch, depth), -1, dtype=torch.long)
     num_accepted = torch.zeros(batch, dtype=torch.long)

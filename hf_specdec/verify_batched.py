@@ -37,14 +37,21 @@ proportional to the supports); on those few entries a step costs its number of t
 `_verify_everywhere` takes every node's decisions at once (RRS: Theta_k, q_k of every node, one step per candidate
 of the node with the most; SpecTr: one bisection for every node) and then walks one step per depth. Same formulas,
 same tokens (sums run over the support only: another summation order).
+
+Sparse inputs (`SparseProbs`): where a top-k warper bounds the supports, the loop hands p and q over as values at
+token ids, C entries per node, and says thereby where they are nonzero: `union_vocabulary` sorts each node's p and q
+entries into one compact vocabulary of static width (nothing searched, nothing read back), then the same
+`_verify_everywhere`. Dense p with sparse q (sampling without top-k, a reduced-vocabulary draft) is verified on q's
+entries and p's lumped rest (`lumped_vocabulary`, `_verify_lumped`).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from hf_specdec.verification import (
-    SPECTR_BISECTION_STEPS, VerifyInputs, VerifyResult, sample_with_uniform, tokens_at,
+    SPECTR_BISECTION_STEPS, SparseProbs, VerifyInputs, VerifyResult, sample_with_uniform, tokens_at,
 )
 
 _NO_NODE = torch.iinfo(torch.long).max  # sort key of "no candidate" (after every node index)
@@ -436,25 +443,33 @@ def _support_bounds(p: torch.Tensor, q: torch.Tensor | None, has_children: torch
     return tuple(c.nan_to_num_(nan=vocab).clamp_(max=vocab).long() for c in (counts, draft_counts))
 
 
-class _Support:
-    """What compacting a verification problem needs, from one read back: `width` = a bound on the largest support of
-    any (row, node) + 1 (the compact vocabulary, a zero slot included; `_support_bounds`), `draft_width` the same for
-    q's support alone at nodes with children + 1 (the lumped compact vocabulary, the lump included); each node's
-    parent; and the candidate table of every node (`_path_children`, distinct for RRS) with `steps`, the most
-    candidates any node has. `entries()` then lists the support itself (work proportional to it): only when the
-    problem is compacted, not when its support turns out too wide."""
+class _TreeTables:
+    """The tree's side of verifying every node at once: each node's parent, whether it has children, and the
+    candidate table of every node (`_path_children`, distinct for RRS), with `steps` a bound on any node's number of
+    candidates (here the number of paths: nothing read back)."""
 
-    def __init__(self, inputs: VerifyInputs, paths: torch.Tensor):
-        batch, slots, _ = inputs.target_probs.shape
-        device = paths.device
+    def __init__(self, inputs: VerifyInputs, paths: torch.Tensor, slots: int):
         self.parents, self.has_children = _tree_parents(paths, slots)
-        table = _path_children(paths, inputs.accept_uniforms.to(device), slots)
+        table = _path_children(paths, inputs.accept_uniforms.to(paths.device), slots)
         if inputs.rule != "spectr":
             table = _distinct(*table)
             table = (torch.where(table[1], table[0], 0), *table[1:])
         self.children, self.valid, self.uniforms = table
+        self.steps = paths.shape[1]
+
+
+class _Support(_TreeTables):
+    """What compacting a dense verification problem needs, from one read back: `width` = a bound on the largest
+    support of any (row, node) + 1 (the compact vocabulary, a zero slot included; `_support_bounds`), `draft_width`
+    the same for q's support alone at nodes with children + 1 (the lumped compact vocabulary, the lump included), the
+    tree's tables with `steps` the most candidates any node has. `entries()` then lists the support itself (work
+    proportional to it): only when the problem is compacted, not when its support turns out too wide."""
+
+    def __init__(self, inputs: VerifyInputs, paths: torch.Tensor):
+        batch, slots, _ = inputs.target_probs.shape
+        super().__init__(inputs, paths, slots)
         self.target_probs = inputs.target_probs
-        self.draft_probs = None if inputs.draft_probs is None else inputs.draft_probs.to(device)
+        self.draft_probs = None if inputs.draft_probs is None else inputs.draft_probs.to(paths.device)
         self.slots = batch * slots
         largest, draft_largest, self.steps = 0, 0, 0
         if batch * slots > 0:
@@ -512,19 +527,73 @@ def compact_vocabulary(inputs: VerifyInputs, support: _Support | None = None, lu
         out[entry] = probs.to(device)[b, u, tokens].double()
         return out.view(batch, slots, width)
 
-    # each node's token as an index into its parent's (sorted) support; not found: the last slot, a zero one
+    target_probs = compact(inputs.target_probs)
+    if lumped:
+        _lump(target_probs, inputs.target_probs.to(device))
+    return _compacted(inputs, paths, support.parents, token_ids, target_probs, compact(inputs.draft_probs)), token_ids
+
+
+def _lump(compact_target: torch.Tensor, target_probs: torch.Tensor) -> None:
+    """p's mass outside the compact entries into their last slot (a sum of the rest, as a vocabulary sum would add
+    it)."""
+    outside = target_probs.sum(-1, dtype=torch.float64) - compact_target.sum(-1)
+    compact_target[..., -1] = outside.clamp_(min=0.0)
+
+
+def _compacted(inputs: VerifyInputs, paths: torch.Tensor, parents: torch.Tensor, token_ids: torch.Tensor,
+               target_probs: torch.Tensor, draft_probs: torch.Tensor) -> VerifyInputs:
+    """The problem on compact distributions whose entries at node u are the tokens `token_ids[b, u]` (increasing,
+    the first of equal ones holding the mass): each node's token becomes its index in its parent's entries (not
+    found: the last slot, where p = q = 0 or the lump, as at that token)."""
+    device, width = token_ids.device, token_ids.shape[-1]
     node_tokens = inputs.node_tokens.to(device).long().contiguous()  # a slice of the tree's buffer: searchsorted warns
-    parent_ids = token_ids.gather(1, support.parents[..., None].expand(-1, -1, width))
+    parent_ids = token_ids.gather(1, parents[..., None].expand(-1, -1, width))
     index = torch.searchsorted(parent_ids, node_tokens[..., None]).clamp_(max=width - 1)
     found = parent_ids.gather(2, index) == node_tokens[..., None]
     compact_tokens = torch.where(found, index, width - 1).squeeze(2)
-    target_probs = compact(inputs.target_probs)
-    if lumped:  # p's mass outside the support, in the last slot (a sum of the rest, as a vocabulary sum would add it)
-        outside = inputs.target_probs.to(device).sum(-1, dtype=torch.float64) - target_probs.sum(-1)
-        target_probs[..., -1] = outside.clamp_(min=0.0)
-    compacted = VerifyInputs(inputs.rule, paths, compact_tokens, target_probs, compact(inputs.draft_probs),
-                             inputs.accept_uniforms.to(device), inputs.sample_uniforms.to(device))
+    return VerifyInputs(inputs.rule, paths, compact_tokens, target_probs, draft_probs,
+                        inputs.accept_uniforms.to(device), inputs.sample_uniforms.to(device))
+
+
+def union_vocabulary(inputs: VerifyInputs, tables: _TreeTables) -> tuple[VerifyInputs, torch.Tensor]:
+    """`compact_vocabulary` for sparse p and q (`SparseProbs` both): node u's entries are the tokens of its p
+    entries, then of its q entries, then token V - 1 with p = q = 0, sorted (stable) by token; a token in both keeps
+    its mass in its first slot and leaves a zero slot. A static width (C_p + C_q + 1), so nothing is read back, and
+    the same decisions and tokens as on the vocabulary, for the reasons `compact_vocabulary` gives (the last slot is
+    token V - 1, where a draw that finds no step lands)."""
+    p, q = inputs.target_probs, inputs.draft_probs
+    device = p.values.device
+    batch, slots, p_entries = p.values.shape
+    q_values, q_ids = q.values[:, :slots].to(device), q.token_ids[:, :slots].to(device)
+    last = torch.full((batch, slots, 1), p.vocab_size - 1, dtype=torch.long, device=device)
+    token_ids, order = torch.sort(torch.cat([p.token_ids, q_ids, last], -1), dim=-1, stable=True)
+    first = torch.searchsorted(token_ids, token_ids)  # the first slot of each entry's token
+
+    def compact(values: torch.Tensor, start: int) -> torch.Tensor:  # `values` at entries start .. of the concatenation
+        placed = torch.zeros(token_ids.shape, dtype=torch.float64, device=device)
+        placed[..., start:start + values.shape[-1]] = values
+        return torch.zeros_like(placed).scatter_add_(2, first, placed.gather(2, order))  # x + 0 == x
+
+    compacted = _compacted(inputs, inputs.paths.to(device=device, dtype=torch.long), tables.parents, token_ids,
+                           compact(p.values, 0), compact(q_values, p_entries))
     return compacted, token_ids
+
+
+def lumped_vocabulary(inputs: VerifyInputs, tables: _TreeTables) -> tuple[VerifyInputs, torch.Tensor]:
+    """`compact_vocabulary(lumped=True)` for dense p and sparse q (`SparseProbs`, e.g. a reduced-vocabulary draft's
+    kept tokens): node u's entries are q's, sorted by token, then the lump (token V); q's entries are known, so
+    nothing is searched or read back."""
+    p, q = inputs.target_probs, inputs.draft_probs
+    device = p.device
+    batch, slots, vocab = p.shape
+    token_ids, order = torch.sort(q.token_ids[:, :slots].to(device), dim=-1)
+    lump = torch.full((batch, slots, 1), vocab, dtype=torch.long, device=device)
+    target_probs = F.pad(p.gather(2, token_ids).double(), (0, 1))
+    _lump(target_probs, p)
+    draft_probs = F.pad(q.values[:, :slots].to(device).gather(2, order).double(), (0, 1))
+    token_ids = torch.cat([token_ids, lump], -1)
+    return _compacted(inputs, inputs.paths.to(device=device, dtype=torch.long), tables.parents, token_ids,
+                      target_probs, draft_probs), token_ids
 
 
 def expand_result(result: VerifyResult, inputs: VerifyInputs, token_ids: torch.Tensor) -> VerifyResult:
@@ -604,10 +673,10 @@ def _walk_decided(children, valid, uniforms, accept, depth):
     return accepted_nodes, node, rejected
 
 
-def _verify_everywhere(inputs: VerifyInputs, support: _Support) -> VerifyResult:
+def _verify_everywhere(inputs: VerifyInputs, support: _TreeTables) -> VerifyResult:
     """The sampling rules with every node's decision computed at once, then one step per depth: for small (compact)
     vocabularies, where a step's cost is its number of tensor operations. `support` gives the candidate tables and
-    the most candidates of a node (RRS's sequential steps). Same tokens as the walks above."""
+    a bound on the candidates of a node (RRS's sequential steps). Same tokens as the walks above."""
     p, q = inputs.target_probs, inputs.draft_probs
     children, valid, uniforms = support.children, support.valid, support.uniforms
     tokens = _tokens_of(inputs.node_tokens.long(), children, valid)
@@ -625,13 +694,13 @@ def _verify_everywhere(inputs: VerifyInputs, support: _Support) -> VerifyResult:
     return VerifyResult(accepted_nodes, accepted_nodes.clamp(min=0), num_accepted, next_tokens)
 
 
-def _verify_lumped(inputs: VerifyInputs, support: _Support) -> VerifyResult:
-    """The walk on the lumped compact vocabulary (`compact_vocabulary(lumped=True)`: q's support and one slot for p's
-    mass outside it), the next token drawn on the whole vocabulary from the row's last distribution there: p at its
-    last node divided by the totals the walk divided it by since, in the same order (the reference's operations on
-    those entries, so the same values), with the walk's own values on q's support. Same tokens as the walks above;
-    the vocabulary-sized work is a few passes over B rows, not several per candidate."""
-    compacted, token_ids = compact_vocabulary(inputs, support, lumped=True)
+def _verify_lumped(inputs: VerifyInputs, compacted: VerifyInputs, token_ids: torch.Tensor) -> VerifyResult:
+    """The walk on the lumped compact vocabulary (`compacted`, `token_ids`: `compact_vocabulary(lumped=True)` or
+    `lumped_vocabulary`: q's support and one slot for p's mass outside it), the next token drawn on the whole
+    vocabulary from the row's last distribution there: p at its last node divided by the totals the walk divided it
+    by since, in the same order (the reference's operations on those entries, so the same values), with the walk's
+    own values on q's support. Same tokens as the walks above; the vocabulary-sized work is a few passes over B
+    rows, not several per candidate."""
     rows_of = (_Rows(compacted.target_probs), _Rows(compacted.draft_probs))
     if inputs.rule == "spectr":
         walked = _walk_spectr(compacted.paths, compacted.node_tokens, *rows_of, compacted.accept_uniforms)
@@ -683,18 +752,39 @@ def verify_tree_batched(inputs: VerifyInputs, compact: bool | str | None = None)
     pair, AMD EPYC; RRS's walk costs its number of tensor operations more than their width, and finding q's support
     cost more than it saved: 5.4 -> 8.8 ms); learning their sizes reads back one small tensor, the only read
     (elsewhere, e.g. on CUDA, nothing is read back). True: the union always, "lumped": the lumped one always
-    (sampling rules); False: never."""
+    (sampling rules); False: never.
+
+    Sparse inputs (`SparseProbs`, which the loop gives where a top-k warper or a reduced-vocabulary draft bounds a
+    support) say their supports: p and q both sparse are verified on the union of their entries (`union_vocabulary`),
+    dense p with sparse q on q's entries and the lump (`lumped_vocabulary`), with nothing searched or read back;
+    `compact=False` or the greedy rule: on their dense form."""
     inputs.check()
+    if inputs.is_sparse:
+        return _verify_sparse(inputs, compact)
     if _compaction_considered(inputs, compact):
         support = _Support(inputs, inputs.paths.to(device=inputs.target_probs.device, dtype=torch.long))
         limit = COMPACT_MAX_SHARE * inputs.target_probs.shape[-1]
         if compact == "lumped" or (compact is None and inputs.rule == "spectr" and support.width > limit
                                    and support.draft_width <= limit):
-            return _verify_lumped(inputs, support)
+            return _verify_lumped(inputs, *compact_vocabulary(inputs, support, lumped=True))
         if compact or support.width <= limit:
             compacted, token_ids = compact_vocabulary(inputs, support)
             return expand_result(_verify_everywhere(compacted, support), inputs, token_ids)
     return _verify(inputs)
+
+
+def _verify_sparse(inputs: VerifyInputs, compact: bool | str | None) -> VerifyResult:
+    target_sparse = isinstance(inputs.target_probs, SparseProbs)
+    device = (inputs.target_probs.values if target_sparse else inputs.target_probs).device
+    paths = inputs.paths.to(device=device, dtype=torch.long)
+    draft_sparse = isinstance(inputs.draft_probs, SparseProbs)
+    if compact is False or inputs.rule == "greedy" or 0 in paths.shape[1:] or not draft_sparse:
+        return _verify(inputs.dense())
+    tables = _TreeTables(inputs, paths, inputs.node_tokens.shape[1])
+    if target_sparse:
+        compacted, token_ids = union_vocabulary(inputs, tables)
+        return expand_result(_verify_everywhere(compacted, tables), inputs, token_ids)
+    return _verify_lumped(inputs, *lumped_vocabulary(inputs, tables))
 
 
 def _verify(inputs: VerifyInputs) -> VerifyResult:

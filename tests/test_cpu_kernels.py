@@ -193,3 +193,18 @@ def test_kernel_choices_outlive_the_process_until_a_calibration(monkeypatch, tmp
         calibration.calibrate(model, progress=False)  # forgets this model's choices, then measures
     assert not cpu_kernels.prepacking_pays(model, 8)  # timed anew: stock is faster now
     assert cpu_kernels.prepacking_pays(other, 8) and len(timed) == count + 4  # the other model's choice stays
+
+
+def test_timing_leaves_the_random_state_of_sampling_alone():
+    """Kernel choices and calibrations are timed inside the first generate() call that needs them: their random
+    inputs come from their own generators, so a seeded call samples the same tokens whether it timed something or
+    not."""
+    from hf_specdec.backends.cpu_kernels import _time_forward
+    from hf_specdec.planner.calibration import time_forward
+
+    model = tiny_model("llama", vocab_size=64)
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    _time_forward(model, 4, packed=False, context=8, repeats=1)
+    time_forward(model, 1, 4, 8, repeats=1)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -75,6 +75,33 @@ def test_host_syncs_per_step(pair, monkeypatch, method, batch, do_sample):
     assert max(per_step) <= MAX_SYNCS_PER_STEP, f"host reads per step: {per_step}"
 
 
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("method", ["spectr:k=3,l=3", "rsd-s:w=3,d=4"])
+def test_host_syncs_per_step_with_sparse_distributions(monkeypatch, method, batch):
+    """Under top-k on a vocabulary wider than the support bound, p and q reach the verifier as `SparseProbs` (p after
+    a check for ties beyond its entries, a read): still at most two reads a step."""
+    from hf_specdec.processors import NodeScorer
+
+    target = tiny_model("llama", vocab_size=512, scale=0.3)
+    draft = perturbed_copy(target, noise=0.05)
+    per_step, answered = [], []
+    step, top_support = SpeculativeDecoder._step, NodeScorer.top_support
+
+    def counting_step(self, *args, **kwargs):
+        counter = [0]
+        with counted_read_backs(counter):
+            step(self, *args, **kwargs)
+        per_step.append(counter[0])
+
+    monkeypatch.setattr(SpeculativeDecoder, "_step", counting_step)
+    monkeypatch.setattr(NodeScorer, "top_support", lambda *args: answered.append(1) or top_support(*args))
+    inputs = left_padded_prompts([2 * (row % 3) for row in range(batch)], 9, 512, seed=7)
+    target.generate(**inputs, do_sample=True, top_k=5, max_new_tokens=40, pad_token_id=0, eos_token_id=[2, 511],
+                    custom_generate=speculative_generate, draft_model=draft, speculative_config=method)
+    assert len(per_step) > 3 and answered
+    assert max(per_step) <= MAX_SYNCS_PER_STEP, f"host reads per step: {per_step}"
+
+
 def test_the_counter_sees_a_read_back():
     counter = [0]
     with counted_read_backs(counter):

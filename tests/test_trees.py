@@ -284,6 +284,52 @@ def test_on_top_logits_processes_as_the_whole_vocabulary():
     assert NodeScorer(lp.LogitsProcessorList([lp.TopPLogitsWarper(0.9)])).support_capacity(4096) is None
 
 
+def test_top_support_is_the_whole_vocabulary_or_none():
+    """The target's p on its highest logits (`top_support`): where it answers, the processed scores of the whole
+    vocabulary on those entries and no finite score elsewhere (ties at the k-th logit included, min-length eos ids
+    among them); None where more scores tie at the top-k threshold than the entries hold, and for warpers that sort
+    (top-p, typical, top-h) or min-p forcing more than one token in."""
+    from transformers.generation import logits_process as lp
+
+    from hf_specdec.processors import NodeScorer, prefix_lengths
+
+    generator = torch.Generator().manual_seed(6)
+    vocab, rows = 4096, torch.arange(3)
+    logits = torch.randn(3, 4, vocab, generator=generator) * 4
+    tied = (logits * 2).round() / 2  # dozens of equal scores at every threshold
+    eos = [int(logits[1, 2].argmax()), 9]
+    lengths, depths = [10, 12, 14], [0, 1, 1, 2]
+    lists = [
+        [lp.TopKLogitsWarper(50)],
+        [lp.TemperatureLogitsWarper(0.7), lp.TopKLogitsWarper(20), lp.MinPLogitsWarper(0.05)],
+        [lp.MinNewTokensLengthLogitsProcessor(9, 4, eos), lp.TopKLogitsWarper(30), lp.EpsilonLogitsWarper(3e-4)],
+    ]
+    for processors in lists:
+        scorer = NodeScorer(lp.LogitsProcessorList(processors))
+        capacity = scorer.support_capacity(vocab)
+        node_lengths = prefix_lengths(lengths, depths, "cpu") if scorer.reads_prefix_lengths else None
+        for scored in (logits, tied):
+            dense = scorer(scored, None, None, rows, lengths, depths)
+            top = scorer.top_support(scored, rows, capacity, node_lengths)
+            assert top is not None
+            scores, token_ids = top
+            assert torch.equal(scores, dense.gather(-1, token_ids))
+            assert (torch.isfinite(scores).sum(-1) == torch.isfinite(dense).sum(-1)).all()
+    # 60 tokens tied at the 50th highest logit of one node: the top 132 hold 50 + 60 = 110 scores at or above it
+    crowded = logits.clone()
+    crowded[0, 1, :200] = torch.arange(200.0, 0.0, -1.0) / 10 + 20  # 200 distinct highest scores ...
+    crowded[0, 1, 49:250] = crowded[0, 1, 49]  # ... the 50th of them repeated over 201 tokens
+    scorer = NodeScorer(lp.LogitsProcessorList([lp.TopKLogitsWarper(50)]))
+    assert scorer.top_support(crowded, rows, scorer.support_capacity(vocab)) is None
+    assert scorer.top_support(crowded, rows, vocab) is not None  # the whole vocabulary: nothing can be outside
+    for processors in ([lp.TopKLogitsWarper(50), lp.TopPLogitsWarper(0.9)],
+                       [lp.TopKLogitsWarper(50), lp.TypicalLogitsWarper(0.9)],
+                       [lp.TopKLogitsWarper(50), lp.MinPLogitsWarper(0.1, min_tokens_to_keep=3)],
+                       [lp.RepetitionPenaltyLogitsProcessor(1.2), lp.TopKLogitsWarper(5)], [lp.TemperatureLogitsWarper(0.5)]):
+        scorer = NodeScorer(lp.LogitsProcessorList(processors))
+        assert scorer.top_support(logits, rows, 132) is None, processors
+
+
 def test_on_entries_processes_a_reduced_vocabulary_as_the_whole():
     """A reduced-vocabulary draft's logits are -inf outside its kept tokens: value-only processors (temperature,
     top-k, top-p, min-p) on the kept entries alone give the scores they give on the whole vocabulary there (top-p
@@ -386,17 +432,37 @@ def test_top_k_warp_is_the_warper_bit_for_bit(dtype):
 
 
 def test_draft_probs_buffer_records_and_clears():
+    """Compact levels of one width stay sparse; a dense level (or another width) moves the step to the dense buffer,
+    which the next dense step finds zero again, in the same storage."""
     from hf_specdec.drafting import DraftProbsBuffer
+    from hf_specdec.verification import SparseProbs
 
+    cpu = torch.device("cpu")
     buffer = DraftProbsBuffer()
-    probs = buffer.take((2, 5, 30), torch.device("cpu"))
-    assert probs.shape == (2, 5, 30) and (probs == 0).all()
     logq, token_ids = compact_form(torch.tensor([0.5, 0.25, 0.25, 0.0] + [0.0] * 26).log().expand(2, 2, -1), 6)
-    buffer.record(1, 3, logq, token_ids)
-    dense = torch.tensor([0.2] * 30).log().expand(2, 1, -1)
-    buffer.record(3, 4, dense, None)
-    assert torch.allclose(probs[:, 1, :4], torch.tensor([0.5, 0.25, 0.25, 0.0])) and (probs[:, 1, 4:] == 0).all()
-    assert torch.allclose(probs[:, 3], torch.full((2, 30), 0.2)) and (probs[:, [0, 4]] == 0).all()
-    again = buffer.take((2, 5, 30), torch.device("cpu"))
-    assert again.data_ptr() == probs.data_ptr() and (again == 0).all()
-    assert buffer.take((1, 5, 30), torch.device("cpu")).shape == (1, 5, 30)
+    expected = torch.zeros(2, 5, 30)
+    expected[:, 1:3, :4] = torch.tensor([0.5, 0.25, 0.25, 0.0])
+
+    sparse = buffer.start((2, 5, 30), cpu)
+    sparse.record(1, 3, logq, token_ids)
+    sparse.record(3, 4, logq[:, :1], token_ids[:, :1])
+    probs = sparse.probs(4)
+    assert isinstance(probs, SparseProbs) and probs.values.shape == (2, 4, 6)
+    assert torch.allclose(probs.dense(), torch.cat([expected[:, :3], expected[:, 1:2]], 1))
+
+    mixed = buffer.start((2, 5, 30), cpu)
+    mixed.record(1, 3, logq, token_ids)
+    mixed.record(3, 4, torch.tensor([0.2] * 30).log().expand(2, 1, -1), None)
+    probs = mixed.probs(5)
+    expected[:, 3] = 0.2
+    assert isinstance(probs, torch.Tensor) and torch.allclose(probs, expected)
+    storage = probs.data_ptr()
+
+    again = buffer.start((2, 5, 30), cpu)
+    again.record(1, 2, logq[:, :1, :3], token_ids[:, :1, :3])  # first sparse, then another width: dense
+    again.record(2, 3, logq[:, :1], token_ids[:, :1])
+    probs = again.probs(5)
+    assert probs.data_ptr() == storage
+    assert torch.equal(probs[:, 1], torch.zeros(2, 30).scatter(1, token_ids[:, 0, :3], logq[:, 0, :3].exp()))
+    assert torch.allclose(probs[:, 2], expected[:, 1]) and (probs[:, [0, 3, 4]] == 0).all()
+    assert buffer.start((1, 5, 30), cpu).probs(5).shape == (1, 5, 30)

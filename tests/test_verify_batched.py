@@ -17,7 +17,7 @@ import torch
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.drafting import DRAFTERS
 from hf_specdec.trees import DraftTree
-from hf_specdec.verification import NODE_RULES, RULES, VerifyInputs, VerifyResult, candidates_at, verify_tree
+from hf_specdec.verification import NODE_RULES, RULES, SparseProbs, VerifyInputs, VerifyResult, candidates_at, verify_tree
 from hf_specdec.verify_batched import verify_tree_batched
 from verify_cases import random_case
 
@@ -446,12 +446,35 @@ def lumped(case: dict) -> VerifyResult:
     return verify_tree_batched(VerifyInputs(**case), compact="lumped")
 
 
+def as_sparse(probs: torch.Tensor, extra: int, generator: torch.Generator) -> SparseProbs:
+    """`probs` [B, S, V] as `SparseProbs`: per node its nonzero entries (NaN included) and zero entries at other
+    tokens, in random order, C = the most nonzeros of a node + `extra` (at most V) entries per node."""
+    nonzero = probs != 0
+    entries = min(int(nonzero.sum(-1).max()) + extra, probs.shape[-1])
+    key = torch.rand(probs.shape, generator=generator) + nonzero.float()
+    token_ids = key.topk(entries, dim=-1).indices
+    shuffled = token_ids.gather(-1, torch.rand(token_ids.shape, generator=generator).argsort(-1))
+    return SparseProbs(probs.gather(-1, shuffled), shuffled, probs.shape[-1])
+
+
+def sparse_forms(case: dict) -> list[dict]:
+    """The case with p and q as `SparseProbs` (the loop's top-k form), and with q alone (a reduced-vocabulary draft's
+    form), each with a few zero entries past the supports."""
+    generator = torch.Generator().manual_seed(5)
+    p, q = case["target_probs"], case["draft_probs"]
+    return [{**case, "target_probs": as_sparse(p, 3, generator), "draft_probs": as_sparse(q, 2, generator)},
+            {**case, "draft_probs": as_sparse(q, 1, generator)}]
+
+
 def check_compaction(case: dict) -> VerifyResult:
-    """Both compact verifications (forced) give the dense one's and the reference's results."""
+    """Both compact verifications (forced) give the dense one's and the reference's results, and so do sparse inputs
+    (`SparseProbs`) of the same problem."""
     expected = reference(case)
     assert_same(expected, dense(case), case)
     assert_same(expected, compacted(case), case)
     assert_same(expected, lumped(case), case)
+    for form in sparse_forms(case):
+        assert_same(expected, batched(form), case)
     return expected
 
 
@@ -574,6 +597,11 @@ def test_lumped_compaction_where_p_is_nonzero_everywhere(rule, monkeypatch):
         check(case)
         assert ran == ([1] if kept < vocab and rule == "spectr" else []), "lumped where it pays, else dense"
         assert_same(reference(case), lumped(case), case)
+        # q as the loop gives it (`SparseProbs` of its top entries, zeros past its support): lumped on those entries
+        sparse_q = {**case, "draft_probs": as_sparse(case["draft_probs"], 2, generator)}
+        ran.clear()
+        assert_same(reference(case), batched(sparse_q), case)
+        assert ran == ([1] if min(case["paths"].shape[1:]) > 0 else []), "sparse q: lumped on its entries"
 
 
 def test_compaction_when_every_residual_is_zero():

@@ -298,6 +298,7 @@ def verify_tree_triton(inputs: VerifyInputs, out: tuple[torch.Tensor, ...] | Non
 
     A TensorRT plugin passes its buffers: `out`, the int32 outputs (accepted_nodes, accepted_tokens, num_accepted,
     next_tokens), and `residual`, float64 scratch of [batch, vocab] (sampling rules)."""
+    inputs = inputs.dense()  # the kernel walks [B, N+1, V] distributions
     rule, paths, node_tokens = check_rule(inputs.rule), inputs.paths, inputs.node_tokens
     target_probs, draft_probs = inputs.target_probs, inputs.draft_probs
     accept_uniforms, sample_uniforms = inputs.accept_uniforms, inputs.sample_uniforms

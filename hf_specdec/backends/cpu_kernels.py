@@ -155,7 +155,9 @@ def _time_forward(model, tokens: int, packed: bool, context: int = 64, repeats: 
     from hf_specdec.feature_draft import timing_inputs
     from hf_specdec.rope import state_preserved
 
-    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context + tokens), device=model.device)
+    # its own generator: a choice timed inside generate() must not move the random state sampling draws from
+    ids = torch.randint(0, model.config.get_text_config().vocab_size, (1, context + tokens), device=model.device,
+                        generator=torch.Generator(model.device).manual_seed(tokens))
     best = float("inf")
     with torch.no_grad(), packed_linears(model, packed), state_preserved(model):
         for _ in range(repeats + 1):  # the first run packs (or warms up)

@@ -141,8 +141,10 @@ def time_forward(model, batch: int, new_tokens: int, context: int, repeats: int 
     config, device, dtype = model.config, model.device, model.dtype
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    past = torch.randn(batch, kv_heads, context, head_dim, device=device, dtype=dtype)
-    input_ids = torch.randint(0, config.vocab_size, (batch, new_tokens), device=device)
+    # its own generator: a calibration inside generate() must not move the random state sampling draws from
+    generator = torch.Generator(device).manual_seed(new_tokens)
+    past = torch.randn(batch, kv_heads, context, head_dim, device=device, generator=generator).to(dtype)
+    input_ids = torch.randint(0, config.vocab_size, (batch, new_tokens), device=device, generator=generator)
     position_ids = torch.arange(context, context + new_tokens, device=device).expand(batch, -1)
     allowed = torch.ones(new_tokens, context + new_tokens, dtype=torch.bool, device=device)
     allowed[:, context:] = torch.ones(new_tokens, new_tokens, dtype=torch.bool, device=device).tril()
