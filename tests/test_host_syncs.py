@@ -46,6 +46,21 @@ def counted_read_backs(counter: list[int]):
         torch.Tensor.to = original_to
 
 
+def reads_per_step(monkeypatch) -> list[int]:
+    """A list that receives the number of reads back of each step the loop runs from here on."""
+    per_step = []
+    step = SpeculativeDecoder._step
+
+    def counting_step(self, *args, **kwargs):
+        counter = [0]
+        with counted_read_backs(counter):
+            step(self, *args, **kwargs)
+        per_step.append(counter[0])
+
+    monkeypatch.setattr(SpeculativeDecoder, "_step", counting_step)
+    return per_step
+
+
 @pytest.fixture(scope="module")
 def pair():
     target = tiny_model("llama", vocab_size=96, scale=0.3)
@@ -58,16 +73,7 @@ def pair():
 @pytest.mark.parametrize("method", ["sd:l=4", "spectr:k=3,l=3", "rsd-c:b=2-2-1", "rsd-s:w=3,d=4"])
 def test_host_syncs_per_step(pair, monkeypatch, method, batch, do_sample):
     target, draft = pair
-    per_step = []
-    step = SpeculativeDecoder._step
-
-    def counting_step(self, *args, **kwargs):
-        counter = [0]
-        with counted_read_backs(counter):
-            step(self, *args, **kwargs)
-        per_step.append(counter[0])
-
-    monkeypatch.setattr(SpeculativeDecoder, "_step", counting_step)
+    per_step = reads_per_step(monkeypatch)
     inputs = left_padded_prompts([2 * (row % 3) for row in range(batch)], 9, 96, seed=7)
     target.generate(**inputs, do_sample=do_sample, max_new_tokens=40, pad_token_id=0, eos_token_id=[2, 95],
                     custom_generate=speculative_generate, draft_model=draft, speculative_config=method)
@@ -84,16 +90,7 @@ def test_host_syncs_per_step_with_sparse_distributions(monkeypatch, method, batc
 
     target = tiny_model("llama", vocab_size=512, scale=0.3)
     draft = perturbed_copy(target, noise=0.05)
-    per_step, answered = [], []
-    step, top_support = SpeculativeDecoder._step, NodeScorer.top_support
-
-    def counting_step(self, *args, **kwargs):
-        counter = [0]
-        with counted_read_backs(counter):
-            step(self, *args, **kwargs)
-        per_step.append(counter[0])
-
-    monkeypatch.setattr(SpeculativeDecoder, "_step", counting_step)
+    per_step, answered, top_support = reads_per_step(monkeypatch), [], NodeScorer.top_support
     monkeypatch.setattr(NodeScorer, "top_support", lambda *args: answered.append(1) or top_support(*args))
     inputs = left_padded_prompts([2 * (row % 3) for row in range(batch)], 9, 512, seed=7)
     target.generate(**inputs, do_sample=True, top_k=5, max_new_tokens=40, pad_token_id=0, eos_token_id=[2, 511],
