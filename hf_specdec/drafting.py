@@ -155,6 +155,10 @@ class Drafter:
         widths = self.config.level_widths()
         return widths[-1] if widths else 0
 
+    def max_children(self) -> int:
+        """The most children a node can get (a bound the verifier's per-node steps can use): a level's width."""
+        return max(self.config.level_widths(), default=0)
+
     def paths(self, tree: DraftTree, state: DraftState) -> torch.Tensor:
         return tree.paths(self.max_paths())
 
@@ -193,6 +197,9 @@ class BranchingDrafter(Drafter):
         parents = frontier[..., None].expand_as(tokens)
         return tree.add_level(parents.flatten(1), tokens.flatten(1), valid.flatten(1), logq.gather(-1, index).flatten(1))
 
+    def max_children(self) -> int:
+        return max(self.config.branching)
+
 
 class BeamDrafter(Drafter):
     """RSD-S: stochastic beam search (Kool et al. 2019) of width W; greedy: plain beam search on log q.
@@ -221,6 +228,9 @@ class BeamDrafter(Drafter):
         state.phi = phi.flatten(1).gather(1, flat)
         state.gumbel = values
         return tree.add_level(frontier.gather(1, beam), tokens, valid, logq.flatten(1).gather(1, flat))
+
+    def max_children(self) -> int:
+        return self.config.beam_width  # the W survivors of a level may all share one parent
 
     def max_paths(self) -> int:
         # W leaves at the last level, and at most W - 1 beams end at each level before it

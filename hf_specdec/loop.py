@@ -428,6 +428,7 @@ class SpeculativeDecoder:
             draft_probs=None if tree.draft_probs is None else tree.draft_probs.probs(size),
             accept_uniforms=torch.rand(paths.shape, device=device),
             sample_uniforms=torch.rand(len(rows), device=device),
+            max_children=self.drafter.max_children() if draft is not None else None,
         ))
         tock2 = timer.now()
         if timer.enabled:

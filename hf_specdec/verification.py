@@ -237,6 +237,9 @@ class VerifyInputs:
     draft_probs: torch.Tensor | SparseProbs | None
     accept_uniforms: torch.Tensor
     sample_uniforms: torch.Tensor
+    # the most children any node can have, known from the tree's shape (the drafter's widest branching): RRS's
+    # sequential candidate tests at a node need no more steps; None: as many as paths
+    max_children: int | None = None
 
     def check(self) -> None:
         if self.rule not in RULES:
@@ -255,7 +258,8 @@ class VerifyInputs:
         if not self.is_sparse:
             return self
         return VerifyInputs(self.rule, self.paths, self.node_tokens, dense_probs(self.target_probs),
-                            dense_probs(self.draft_probs), self.accept_uniforms, self.sample_uniforms)
+                            dense_probs(self.draft_probs), self.accept_uniforms, self.sample_uniforms,
+                            self.max_children)
 
 
 class Verifier(Protocol):

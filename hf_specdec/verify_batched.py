@@ -446,7 +446,7 @@ def _support_bounds(p: torch.Tensor, q: torch.Tensor | None, has_children: torch
 class _TreeTables:
     """The tree's side of verifying every node at once: each node's parent, whether it has children, and the
     candidate table of every node (`_path_children`, distinct for RRS), with `steps` a bound on any node's number of
-    candidates (here the number of paths: nothing read back)."""
+    candidates (the number of paths, or the inputs' `max_children` for RRS: nothing read back)."""
 
     def __init__(self, inputs: VerifyInputs, paths: torch.Tensor, slots: int):
         self.parents, self.has_children = _tree_parents(paths, slots)
@@ -455,7 +455,8 @@ class _TreeTables:
             table = _distinct(*table)
             table = (torch.where(table[1], table[0], 0), *table[1:])
         self.children, self.valid, self.uniforms = table
-        self.steps = paths.shape[1]
+        bound = inputs.max_children if inputs.rule != "spectr" else None  # SpecTr's candidates are draws
+        self.steps = paths.shape[1] if bound is None else min(bound, paths.shape[1])
 
 
 class _Support(_TreeTables):
@@ -552,7 +553,7 @@ def _compacted(inputs: VerifyInputs, paths: torch.Tensor, parents: torch.Tensor,
     found = parent_ids.gather(2, index) == node_tokens[..., None]
     compact_tokens = torch.where(found, index, width - 1).squeeze(2)
     return VerifyInputs(inputs.rule, paths, compact_tokens, target_probs, draft_probs,
-                        inputs.accept_uniforms.to(device), inputs.sample_uniforms.to(device))
+                        inputs.accept_uniforms.to(device), inputs.sample_uniforms.to(device), inputs.max_children)
 
 
 def union_vocabulary(inputs: VerifyInputs, tables: _TreeTables) -> tuple[VerifyInputs, torch.Tensor]:

@@ -107,6 +107,7 @@ def drafted_case(method: str, batch: int, vocab: int, generator: torch.Generator
     paths = drafter.paths(tree, state)
     parents = tree.parents[:, :size]
     children = torch.zeros(batch, size, dtype=torch.long).scatter_add_(1, parents.clamp(min=0), (parents >= 0).long())
+    assert int(children.max()) <= drafter.max_children(), "the bound the loop gives the verifier"
     draft_probs = torch.where(children[..., None] > 0, q[:, :size], float("nan"))
     rule = "greedy" if greedy else ("spectr" if method == "spectr" else "rrs")
     return dict(
@@ -117,6 +118,7 @@ def drafted_case(method: str, batch: int, vocab: int, generator: torch.Generator
         draft_probs=draft_probs,  # greedy ignores it
         accept_uniforms=torch.rand(paths.shape, generator=generator),
         sample_uniforms=torch.rand(batch, generator=generator),
+        max_children=drafter.max_children(),
     )
 
 
