@@ -451,9 +451,12 @@ class SpeculativeDecoder:
         """(scores [B, N+1, V] or None, p): the target's processed scores at the tree's nodes and what the verifier
         reads, p (sampling) or the scores (greedy). Where a top-k warper bounds p's support and the draft's q came
         sparse too, p is `SparseProbs` on each node's highest logits (`NodeScorer.top_support`): the processors and
-        the softmax run on C entries per node instead of the vocabulary (scores then None: not asked for)."""
+        the softmax run on C entries per node instead of the vocabulary (scores then None: not asked for). On the
+        CPU only: learning whether ties overflow the entries is a read back, which a GPU would wait on, and a GPU's
+        vocabulary-wide passes are cheap."""
         rows, size = state.rows, tree.size
         if (self.do_sample and drafted and not self.output_scores and tree.draft_probs.sparse is not None
+                and logits.device.type == "cpu"
                 and (capacity := self.scorer.support_capacity(self.target.vocab_size)) is not None):
             node_prefix_lengths = prefix_lengths(state.host_lengths, tree.node_depths(), logits.device) \
                 if self.scorer.reads_prefix_lengths else None
