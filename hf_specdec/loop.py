@@ -399,7 +399,7 @@ class SpeculativeDecoder:
             root_tokens,
             capacity=self.config.tree_size,
             max_depth=self.config.depth,
-            # q goes to a buffer kept between steps (zero but what the last step recorded)
+            # q is recorded in storage kept between steps (see `DraftProbsBuffer`)
             draft_probs=self._draft_probs.start((len(rows), self.config.tree_size + 1, self.target.vocab_size), device)
             if (self.do_sample and depth > 0) else None,
         )
