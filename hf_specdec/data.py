@@ -55,6 +55,15 @@ def train_conversations():
     the split's fixed order: those whose first user turn is a train prompt (the first conversation of each such
     prompt), up to the first turn that is not a user / assistant alternation. A conversation is on the side of its
     first user turn, so none that starts with a held-out prompt is ever read."""
+    return conversations("train")
+
+
+def conversations(split: str):
+    """Whole conversations of `split` ("train" or "heldout") as chat messages, as `train_conversations` gives the
+    train side's."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    held_out = split == "heldout"
     first: dict[int, list[dict]] = {}
     for conversation in _read_conversations():
         messages = conversation.get("conversations") or []
@@ -65,7 +74,7 @@ def train_conversations():
             continue
         first.setdefault(_text_hash(text), messages)
     for key in sorted(first):
-        if key % 100 < HELDOUT_PERCENT:
+        if (key % 100 < HELDOUT_PERCENT) != held_out:
             continue
         chat = []
         for i, message in enumerate(first[key]):

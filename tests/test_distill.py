@@ -276,6 +276,10 @@ def test_sharegpt_split_is_disjoint_fixed_and_about_ten_percent_held_out():
     held_out = set(heldout)
     for i, chat in zip(range(300), data.train_conversations()):  # conversations never start with a held-out prompt
         assert chat[0]["content"] not in held_out and [m["role"] for m in chat[:2]] == ["user", "assistant"]
+    for i, chat in zip(range(100), data.conversations("heldout")):  # and the held-out side's always do
+        assert chat[0]["content"] in held_out and [m["role"] for m in chat[:2]] == ["user", "assistant"]
+    with pytest.raises(ValueError, match="unknown split"):
+        next(data.conversations("test"))
 
 
 @pytest.fixture(scope="module")
