@@ -181,14 +181,16 @@ class NodeScorer:
         if not self._top_logits_suffice(_order_free, node_prefix_lengths):
             return None
         values, token_ids = top_entries(logits, capacity)
-        if capacity >= logits.shape[-1]:
-            return self._apply_to_nodes(values, row_ids, node_prefix_lengths, token_ids.flatten(0, 1)), token_ids
-        # one more entry per node, the C-th highest logit again, under a token id no processor singles out: it is the
-        # lowest, so it changes no threshold, and it survives the processors only where the top-k keeps the C-th
-        floor = values.amin(-1, keepdim=True)
-        floor_ids = torch.full_like(token_ids[..., :1], -1)
-        scores = self._apply_to_nodes(torch.cat([values, floor], -1), row_ids, node_prefix_lengths,
-                                      torch.cat([token_ids, floor_ids], -1).flatten(0, 1))
+        checked = capacity < logits.shape[-1]  # else every token is among the entries
+        entry_ids = token_ids
+        if checked:
+            # one more entry per node, the C-th highest logit again, under a token id no processor singles out: it is
+            # the lowest, so it changes no threshold, and it survives the processors only where the top-k keeps the C-th
+            values = torch.cat([values, values.amin(-1, keepdim=True)], -1)
+            entry_ids = torch.cat([token_ids, torch.full_like(token_ids[..., :1], -1)], -1)
+        scores = self._apply_to_nodes(values, row_ids, node_prefix_lengths, entry_ids.flatten(0, 1))
+        if not checked:
+            return scores, token_ids
         if bool(scores[..., -1].isfinite().any()):  # the read back
             return None
         return scores[..., :-1], token_ids

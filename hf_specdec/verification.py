@@ -218,7 +218,7 @@ class SparseProbs:
         return SparseProbs(self.values[:, :end], self.token_ids[:, :end], self.vocab_size)
 
 
-def dense_probs(probs: torch.Tensor | SparseProbs | None) -> torch.Tensor | None:
+def _dense_probs(probs: torch.Tensor | SparseProbs | None) -> torch.Tensor | None:
     return probs.dense() if isinstance(probs, SparseProbs) else probs
 
 
@@ -257,8 +257,8 @@ class VerifyInputs:
         """The same problem with dense [B, N+1, V] distributions."""
         if not self.is_sparse:
             return self
-        return VerifyInputs(self.rule, self.paths, self.node_tokens, dense_probs(self.target_probs),
-                            dense_probs(self.draft_probs), self.accept_uniforms, self.sample_uniforms,
+        return VerifyInputs(self.rule, self.paths, self.node_tokens, _dense_probs(self.target_probs),
+                            _dense_probs(self.draft_probs), self.accept_uniforms, self.sample_uniforms,
                             self.max_children)
 
 

@@ -449,6 +449,7 @@ class _TreeTables:
     candidates (the number of paths, or the inputs' `max_children` for RRS: nothing read back)."""
 
     def __init__(self, inputs: VerifyInputs, paths: torch.Tensor, slots: int):
+        self.paths = paths  # long, on the distributions' device
         self.parents, self.has_children = _tree_parents(paths, slots)
         table = _path_children(paths, inputs.accept_uniforms.to(paths.device), slots)
         if inputs.rule != "spectr":
@@ -575,8 +576,8 @@ def union_vocabulary(inputs: VerifyInputs, tables: _TreeTables) -> tuple[VerifyI
         placed[..., start:start + values.shape[-1]] = values
         return torch.zeros_like(placed).scatter_add_(2, first, placed.gather(2, order))  # x + 0 == x
 
-    compacted = _compacted(inputs, inputs.paths.to(device=device, dtype=torch.long), tables.parents, token_ids,
-                           compact(p.values, 0), compact(q_values, p_entries))
+    compacted = _compacted(inputs, tables.paths, tables.parents, token_ids, compact(p.values, 0),
+                           compact(q_values, p_entries))
     return compacted, token_ids
 
 
@@ -593,8 +594,7 @@ def lumped_vocabulary(inputs: VerifyInputs, tables: _TreeTables) -> tuple[Verify
     _lump(target_probs, p)
     draft_probs = F.pad(q.values[:, :slots].to(device).gather(2, order).double(), (0, 1))
     token_ids = torch.cat([token_ids, lump], -1)
-    return _compacted(inputs, inputs.paths.to(device=device, dtype=torch.long), tables.parents, token_ids,
-                      target_probs, draft_probs), token_ids
+    return _compacted(inputs, tables.paths, tables.parents, token_ids, target_probs, draft_probs), token_ids
 
 
 def expand_result(result: VerifyResult, inputs: VerifyInputs, token_ids: torch.Tensor) -> VerifyResult:
