@@ -7,7 +7,8 @@ target's last hidden state only? Both trained alike, on the same data, for the s
        and the LM-head input; the projection starts as the identity on the last), deeper unrolled steps read the
        draft's own hidden state (EAGLE-3's training-time test), KL only.
 
-Same 8192-token vocabulary as the shipped draft, same initialisation, batches, learning rate and steps. Measured on
+Same 8192-token vocabulary as the shipped draft, same initialisation, batches (`distill.batch_stream`, as training
+draws them), learning rate and steps. Measured on
 held-out ShareGPT conversations, teacher forced (the target reads the conversation; not its own continuations, as
 the model card's figures are): alpha = E sum min(p, q) at T=1 and greedy top-1 agreement, unrolled depths 1-3. The
 shipped draft is measured the same way, for scale. Progress and results go to stdout and to --log.
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from hf_specdec import data
-from hf_specdec.distill import FeatureLossOptions, feature_unrolled, head_rows, init_feature_draft, kl_to_teacher
+from hf_specdec.distill import (
+    FeatureLossOptions, batch_stream, feature_unrolled, head_rows, init_feature_draft, kl_to_teacher,
+)
 from hf_specdec.models import load_draft, load_target, load_tokenizer
 from hf_specdec.teacher import plan_conversations
 
@@ -100,23 +103,6 @@ class Probe:
                 states[k][row, :n] = s[k].float()
         return tokens, mask, states
 
-    def batches(self, train: list[dict]):
-        """Length-bucketed batches of at most --batch-tokens padded positions, in a seeded random order, forever."""
-        generator = torch.Generator().manual_seed(0)
-        lengths = [len(s["tokens"]) for s in train]
-        while True:
-            order = sorted(torch.randperm(len(train), generator=generator).tolist(), key=lambda i: lengths[i])
-            batches, current, longest = [], [], 0
-            for i in order:
-                if current and max(longest, lengths[i]) * (len(current) + 1) > self.args.batch_tokens:
-                    batches.append(current)
-                    current, longest = [], 0
-                current.append(i)
-                longest = max(longest, lengths[i])
-            batches.append(current)
-            for j in torch.randperm(len(batches), generator=generator).tolist():
-                yield [train[i] for i in batches[j]]
-
     @staticmethod
     def inputs(adapter, states: dict) -> torch.Tensor:
         """What the draft reads at step 1: the LM-head input (A), or B's projection of the three layers."""
@@ -177,9 +163,10 @@ class Probe:
 
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         draft.train()
-        stream, recent = self.batches(train), []
+        stream = batch_stream([len(s["tokens"]) for s in train], args.batch_tokens, seed=0, start_step=0)
+        recent = []
         for step in range(args.steps):
-            tokens, mask, states = self.collate(next(stream))
+            tokens, mask, states = self.collate([train[i] for i in next(stream)])
             per_step: list[float] = []
             self.loss(variant, draft, adapter, tokens, mask, states, per_step).backward()
             torch.nn.utils.clip_grad_norm_(parameters, 1.0)
