@@ -13,7 +13,9 @@ weight values):
   5. a 7B-shaped bf16 Llama target with a 2-layer draft (same width, shared embeddings and head) and with a 1-layer
      feature-conditioned draft (EAGLE-shaped): the step split (draft / target / verify / other, ms per step) and
      tokens/s against plain generate and HF assisted generation, batch 1 and 8.
-Results print as they come and go to OUT/gpu_check.json.
+Results print as they come and go to OUT/gpu_check.json. Checks 1-4 pass or fail (a verifier or greedy mismatch, a
+chi-square p-value under 0.001, more than two host reads in a steady-state step): the script exits 1 and lists the
+failures when any fails, so a run on a lent GPU answers without reading the log.
 """
 
 from __future__ import annotations
@@ -33,9 +35,15 @@ METHODS = ["sd:l=4", "spectr:k=3,l=3", "rsd-c:b=2-2-1", "rsd-s:w=3,d=4"]
 DEVICE = "cuda"  # --dry-run: "cpu", to check the script itself without a GPU
 
 
-def log(results: dict, name: str, value) -> None:
+CHI_SQUARE_ALPHA = 1e-3  # 3 methods: a correct sampler fails the check with probability 0.3%
+
+
+def log(results: dict, name: str, value, passed: bool = True) -> None:
+    """Print and record a result; one that fails its check also goes to results["failures"]."""
     results[name] = value
-    print(f"{name}: {value}", flush=True)
+    if not passed:
+        results.setdefault("failures", []).append(name)
+    print(f"{name}: {value}{'' if passed else '   <- FAILED'}", flush=True)
 
 
 def check_verifiers(results: dict, cases: int) -> None:
@@ -58,7 +66,8 @@ def check_verifiers(results: dict, cases: int) -> None:
                 same = all(torch.equal(getattr(expected, f).cpu(), getattr(found, f).cpu().to(getattr(expected, f).dtype))
                            for f in ("accepted_nodes", "num_accepted", "next_tokens"))
                 mismatches[name] += not same
-        log(results, f"verifier mismatches vs reference ({rule}, {cases} batches of 8)", mismatches)
+        log(results, f"verifier mismatches vs reference ({rule}, {cases} batches of 8)", mismatches,
+            passed=not any(mismatches.values()))
 
 
 def tiny_pair(vocab: int = 96):
@@ -89,7 +98,7 @@ def check_greedy_identity(results: dict) -> None:
                                       custom_generate=speculative_generate, draft_model=draft, speculative_config=method)
                 if not torch.equal(out, reference):
                     failures.append(f"{kind} draft, {method}, batch {batch}")
-    log(results, "greedy identity failures", failures)
+    log(results, "greedy identity failures", failures, passed=not failures)
 
 
 def check_chi_square(results: dict, samples: int) -> None:
@@ -115,7 +124,8 @@ def check_chi_square(results: dict, samples: int) -> None:
         expected = first * counts.sum()
         kept = expected > 5
         pvalue = float(chisquare(counts[kept], expected[kept] * counts[kept].sum() / expected[kept].sum()).pvalue)
-        log(results, f"chi-square p-value of the first token ({method}, {int(counts.sum())} samples)", round(pvalue, 4))
+        log(results, f"chi-square p-value of the first token ({method}, {int(counts.sum())} samples)", round(pvalue, 4),
+            passed=pvalue >= CHI_SQUARE_ALPHA)
 
 
 def check_host_syncs(results: dict) -> None:
@@ -147,7 +157,9 @@ def check_host_syncs(results: dict) -> None:
             inputs = {k: v.to(DEVICE) for k, v in left_padded_prompts([r % 3 for r in range(batch)], 9, 96, seed=7).items()}
             target.generate(**inputs, do_sample=True, max_new_tokens=32, pad_token_id=0,
                             custom_generate=speculative_generate, draft_model=draft, speculative_config="rsd-s:w=3,d=4")
-            log(results, f"synchronising calls per step (batch {batch}, rsd-s:w=3,d=4)", per_step[1:-1])
+            steady = per_step[1:-1]
+            log(results, f"synchronising calls per step (batch {batch}, rsd-s:w=3,d=4)", steady,
+                passed=bool(steady) and max(steady) <= 2)
     finally:
         SpeculativeDecoder._step = step
 
@@ -207,12 +219,19 @@ def check_speed(results: dict, new_tokens: int) -> None:
         log(results, f"tokens/s batch {batch} (ratio to plain)", {k: f"{v:.1f} ({v / plain:.2f}x)" for k, v in rows.items()})
 
 
-def main() -> int:
+def verdict(results: dict) -> int:
+    """Exit status: 1 (and the failed checks listed) when any check failed, else 0."""
+    failures = results.get("failures", [])
+    print(f"FAILED: {'; '.join(failures)}" if failures else "all checks passed", flush=True)
+    return 1 if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer cases and tokens (about 3 minutes)")
     parser.add_argument("--out", type=Path, default=Path("runs/gpu"))
     parser.add_argument("--dry-run", action="store_true", help="run checks 1-3 on the CPU (the script's own test)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.dry_run:
         global DEVICE
         DEVICE = "cpu"
@@ -221,7 +240,7 @@ def main() -> int:
         check_verifiers(results, cases=3)
         check_greedy_identity(results)
         check_chi_square(results, samples=1024)
-        return 0
+        return verdict(results)
     if not torch.cuda.is_available():
         print("no CUDA GPU here: nothing to check (this script is for a machine with one)")
         return 0
@@ -234,7 +253,7 @@ def main() -> int:
     check_speed(results, new_tokens=32 if args.quick else 128)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
-    return 0
+    return verdict(results)
 
 
 if __name__ == "__main__":
