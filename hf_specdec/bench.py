@@ -93,6 +93,10 @@ class Record:
     step_ms: float = float("nan")  # measured: decoding time per target call (our loop; HF's: per forward)
     predicted_step_ms: float = float("nan")  # the planner's prediction of the steps that ran, at their depths
     log_likelihoods: list[float] = field(default_factory=list, repr=False)  # per prompt, mean per token
+    # 95% interval of block_efficiency over the prompts (bootstrap of tokens / target calls, prompts resampled)
+    block_efficiency_ci: tuple[float, float] = (float("nan"), float("nan"))
+    prompt_tokens: list[int] = field(default_factory=list, repr=False)  # per prompt: tokens generated
+    prompt_target_calls: list[int] = field(default_factory=list, repr=False)  # per prompt: target forwards
 
     def as_json(self) -> dict:
         record = asdict(self)
@@ -171,7 +175,8 @@ def mean_log_likelihood(target, prompt_ids: torch.Tensor, sequence: torch.Tensor
 
 
 def bootstrap_ratio_ci(values: list[float], reference: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """95% bootstrap interval of mean(values) / mean(reference), resampling prompts (paired)."""
+    """95% bootstrap interval of mean(values) / mean(reference), resampling prompts (paired: entry i of both is prompt
+    i's), e.g. of a block efficiency from each prompt's tokens and target calls."""
     a, b = torch.tensor(values, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
     index = torch.randint(0, len(a), (resamples, len(a)), generator=generator)
@@ -343,10 +348,10 @@ class Bench:
             start = time.perf_counter()
             sequence, stats = self._generate(setting, input_ids, self.max_new_tokens)
             tally.seconds += time.perf_counter() - start
-        tally.tokens += sequence.shape[-1] - input_ids.shape[-1]
+        tally.prompt_tokens.append(sequence.shape[-1] - input_ids.shape[-1])
         # decoding forwards only: our loop reports them; plain and HF assisted generation have no separate prefill
         # (their first forward over the prompt already yields tokens)
-        tally.target_calls += stats.target_calls if stats is not None else target_counter.calls
+        tally.prompt_target_calls.append(stats.target_calls if stats is not None else target_counter.calls)
         tally.draft_calls += stats.draft_calls if stats is not None else draft_counter.calls
         tally.decode_seconds += (stats.time_total - stats.time_prefill) if stats is not None else float("nan")
         if setting.method == "auto":
@@ -356,6 +361,8 @@ class Bench:
 
     def _record(self, setting: Setting, tally: "Tally") -> Record:
         block_efficiency = tally.tokens / max(tally.target_calls, 1)
+        block_efficiency_ci = bootstrap_ratio_ci(tally.prompt_tokens, tally.prompt_target_calls) \
+            if tally.target_calls else (float("nan"), float("nan"))
         # L: sequential draft passes per step (HF assisted stops drafting early on low confidence: use what it did)
         draft_passes = setting.draft_passes if setting.method != "hf-assisted" else \
             tally.draft_calls / max(tally.target_calls, 1)
@@ -383,6 +390,9 @@ class Bench:
             predicted_step_ms=1e3 * tally.predicted_seconds / tally.predicted_steps if tally.predicted_steps
             else float("nan"),
             log_likelihoods=tally.log_likelihoods,
+            block_efficiency_ci=block_efficiency_ci,
+            prompt_tokens=tally.prompt_tokens,
+            prompt_target_calls=tally.prompt_target_calls,
         )
 
 
@@ -390,15 +400,23 @@ class Bench:
 class Tally:
     """What one setting's generations add up to."""
 
-    tokens: int = 0
     seconds: float = 0.0
-    target_calls: int = 0
     draft_calls: int = 0
     decode_seconds: float = 0.0
     predicted_seconds: float = 0.0  # the step model's, summed over the steps that ran
     predicted_steps: int = 0
     ran: list[str] = field(default_factory=list)  # `auto`: the config each generation ran
     log_likelihoods: list[float] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    prompt_target_calls: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.prompt_tokens)
+
+    @property
+    def target_calls(self) -> int:
+        return sum(self.prompt_target_calls)
 
 
 @dataclass

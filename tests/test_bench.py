@@ -13,7 +13,7 @@ import torch
 from feature_fixtures import tiny_feature_draft
 from tiny_models import character_tokenizer, perturbed_copy, tiny_model, word_tokenizer
 
-from hf_specdec.bench import Bench, config_for_budget, relate_to_plain, settings_for
+from hf_specdec.bench import Bench, bootstrap_ratio_ci, config_for_budget, relate_to_plain, settings_for
 from hf_specdec.config import SpeculativeConfig
 from hf_specdec.cli import build_parser
 from hf_specdec.cli import main as cli_main
@@ -51,6 +51,24 @@ def test_every_setting_is_measured(records):
     assert all(r.ran for r in records if r.method == "auto") and not any(r.ran for r in records if r.method != "auto")
 
 
+def test_block_efficiency_interval_over_prompts(records):
+    """Each record keeps every prompt's tokens and target forwards; the block efficiency is their ratio of sums, and
+    its 95% interval (prompts resampled) lies between the least and the most efficient prompt's."""
+    for r in records:
+        assert len(r.prompt_tokens) == len(r.prompt_target_calls) == 2
+        assert sum(r.prompt_tokens) == r.generated_tokens and sum(r.prompt_target_calls) == r.target_calls
+        per_prompt = [tokens / calls for tokens, calls in zip(r.prompt_tokens, r.prompt_target_calls)]
+        low, high = r.block_efficiency_ci
+        assert min(per_prompt) - 1e-9 <= low <= r.block_efficiency <= high <= max(per_prompt) + 1e-9, r.config
+    assert all(r.block_efficiency_ci == (1.0, 1.0) for r in records if r.method in ("ar", "ar-loop"))
+
+
+def test_bootstrap_interval_of_a_ratio():
+    assert bootstrap_ratio_ci([4, 6, 8], [2, 3, 4]) == pytest.approx((2.0, 2.0))  # every prompt at 2: no spread
+    low, high = bootstrap_ratio_ci([10, 30], [10, 10])
+    assert low == pytest.approx(1.0) and high == pytest.approx(3.0)  # a resample of prompt 1 only, of prompt 2 only
+
+
 def test_greedy_accuracy_is_exactly_one(records):
     """Greedy speculative decoding reproduces plain greedy decoding, so the log-likelihood ratio is exactly 1."""
     for r in records:
@@ -62,6 +80,7 @@ def test_outputs(records, tmp_path):
     write_json(records, tmp_path / "bench.json")
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data) == len(records) and all(KEYS <= set(item) for item in data)
+    assert all(len(item["block_efficiency_ci"]) == 2 and len(item["prompt_target_calls"]) == 2 for item in data)
     write_csv(records, tmp_path / "bench.csv")
     assert (tmp_path / "bench.csv").read_text().count("\n") == len(records) + 1
     plot_grid(records, tmp_path / "bench.png")

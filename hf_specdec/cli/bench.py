@@ -104,13 +104,14 @@ COLUMNS = ("backend", "weights", "method", "draft", "config", "budget", "tempera
 
 
 def format_table(records) -> str:
-    rows = [COLUMNS + ("accuracy 95% CI",)]
+    rows = [COLUMNS + ("accuracy 95% CI", "block efficiency 95% CI")]
     for r in records:
         config = f"{r.config} (ran {r.ran})" if r.ran else r.config
         rows.append((r.backend, r.weights or "-", r.method, r.draft or "-", config, str(r.budget), f"{r.temperature:g}", f"{r.block_efficiency:.2f}",
                      f"{r.mbsu:.2f}", f"{r.tokens_per_s:.1f}", f"{r.speedup:.2f}x", f"{r.accuracy:.3f}",
                      f"{r.step_ms:.1f}", f"{r.predicted_step_ms:.1f}",
-                     f"[{r.accuracy_ci[0]:.3f}, {r.accuracy_ci[1]:.3f}]"))
+                     f"[{r.accuracy_ci[0]:.3f}, {r.accuracy_ci[1]:.3f}]",
+                     f"[{r.block_efficiency_ci[0]:.2f}, {r.block_efficiency_ci[1]:.2f}]"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
 
@@ -127,9 +128,10 @@ def write_json(records, path: Path) -> None:
 def write_csv(records, path: Path) -> None:
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(COLUMNS + ("accuracy_ci_low", "accuracy_ci_high"))
+        writer.writerow(COLUMNS + ("accuracy_ci_low", "accuracy_ci_high", "block_efficiency_ci_low",
+                                   "block_efficiency_ci_high"))
         for r in records:
-            writer.writerow([getattr(r, c) for c in COLUMNS] + list(r.accuracy_ci))
+            writer.writerow([getattr(r, c) for c in COLUMNS] + list(r.accuracy_ci) + list(r.block_efficiency_ci))
 
 
 def plot_grid(records, path: Path) -> None:
@@ -153,12 +155,17 @@ def plot_grid(records, path: Path) -> None:
             for method, (color, marker, line) in styles.items():
                 name = method.upper().replace("SPECTR", "SpecTr")
                 for rank, draft in enumerate(drafts):  # the first draft bold, others faint
-                    points = sorted((r.budget, getattr(r, key)) for r in chosen
-                                    if r.method == method and r.backend == "pytorch" and r.draft == draft)
-                    if points:
+                    measured = sorted((r for r in chosen
+                                       if r.method == method and r.backend == "pytorch" and r.draft == draft),
+                                      key=lambda r: r.budget)
+                    if measured:
                         label = name if len(drafts) == 1 else f"{name} ({draft})"
-                        axis.plot(*zip(*points), color=color, marker=marker, linestyle=line, label=label,
-                                  alpha=1.0 if rank == 0 else 0.4)
+                        budgets = [r.budget for r in measured]
+                        axis.plot(budgets, [getattr(r, key) for r in measured], color=color, marker=marker,
+                                  linestyle=line, label=label, alpha=1.0 if rank == 0 else 0.4)
+                        if key == "block_efficiency" and rank == 0:  # the 95% interval over prompts
+                            axis.fill_between(budgets, *zip(*(r.block_efficiency_ci for r in measured)), color=color,
+                                              alpha=0.12, linewidth=0)
                 exported = sorted((r.budget, r.speedup) for r in chosen if r.method == method and r.backend == "onnxruntime")
                 if key == "speedup" and exported:
                     axis.plot(*zip(*exported), color=color, marker=marker, linestyle=line, alpha=0.45, label=f"{name} (ORT)")
