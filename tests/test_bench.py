@@ -88,6 +88,17 @@ def test_outputs(records, tmp_path):
     assert "rsd-s:w=2,d=3" in format_table(records)
 
 
+def test_plot_titles_name_the_metrics(records, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda figure, *args, **kwargs: titles.extend(axis.get_title() for axis in figure.axes))
+    plot_grid(records, tmp_path / "bench.png")
+    assert titles == [f"{metric}, {temperature}" for temperature in ("T=1", "greedy")
+                      for metric in ("block efficiency", "MBSU", "token rate (x plain)", "accuracy")]
+
+
 def test_the_planner_predicts_the_steps_at_the_depths_they_drafted(monkeypatch):
     """The prediction covers the steps that ran: near the end of a generation the loop drafts no deeper than the
     tokens left allow, and each step is predicted at its own depth."""

@@ -159,10 +159,10 @@ def plot_grid(records, path: Path) -> None:
                                        if r.method == method and r.backend == "pytorch" and r.draft == draft),
                                       key=lambda r: r.budget)
                     if measured:
-                        label = name if len(drafts) == 1 else f"{name} ({draft})"
+                        legend = name if len(drafts) == 1 else f"{name} ({draft})"  # not `label`: the title's
                         budgets = [r.budget for r in measured]
                         axis.plot(budgets, [getattr(r, key) for r in measured], color=color, marker=marker,
-                                  linestyle=line, label=label, alpha=1.0 if rank == 0 else 0.4)
+                                  linestyle=line, label=legend, alpha=1.0 if rank == 0 else 0.4)
                         if key == "block_efficiency" and rank == 0:  # the 95% interval over prompts
                             axis.fill_between(budgets, *zip(*(r.block_efficiency_ci for r in measured)), color=color,
                                               alpha=0.12, linewidth=0)
