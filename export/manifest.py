@@ -174,8 +174,8 @@ class Manifest:
         path = model_dir / MANIFEST_FILE
         if not path.is_file():
             raise ManifestError(
-                f"{model_dir} has no {MANIFEST_FILE}: it is not an hf-specdec export; create one with "
-                f"`hf-specdec export --out {model_dir}`"
+                f"{model_dir} has no {MANIFEST_FILE}: it is not an hf-specdec export, or its export stopped before the "
+                f"end (the manifest is written last); create one with `hf-specdec export --out {model_dir}`"
             )
         try:
             data = json.loads(path.read_text())

@@ -63,6 +63,7 @@ from hf_specdec.export.manifest import (
     DEFAULT_SPECULATIVE_CONFIG,
     FEATURES_INPUT,
     HIDDEN_STATES_OUTPUT,
+    MANIFEST_FILE,
     MASK_INPUTS,
     Manifest,
     ModelEntry,
@@ -472,6 +473,9 @@ def export_pair(
     for role, model in models.items():
         check_exportable(model, role)  # both, before anything is traced or written
     out_dir.mkdir(parents=True, exist_ok=True)
+    # the manifest is written last, so that a directory holds one only when its export finished: an export stopped
+    # half way (or a failed re-export over an older one) leaves none, and loading it says so
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)
     # a feature draft reads the target's features: the target graph returns them (`hidden_states`)
     entries = {role: export_model(model, out_dir / f"{role}.onnx", role, sources[role], checked=True,
                                   emits_features=feature_pair and role == "target")
@@ -503,17 +507,17 @@ def export_pair(
     if quantization is not None:
         manifest.export["quantization"] = dataclasses.asdict(quantization)
         manifest.export["versions"]["onnxruntime"] = importlib.metadata.version("onnxruntime")
-    manifest.save(out_dir)
     if quantization is not None:
         manifest = record_parity(manifest, models, out_dir)
     if plan:
         manifest = record_plan(manifest, models, out_dir)
+    manifest.save(out_dir)
     return manifest
 
 
 def record_plan(manifest: Manifest, models: dict, out_dir: Path) -> Manifest:
     """The config `generate --config auto` runs, chosen from the exported graphs' own forwards on ONNX Runtime here
-    (`planner.exported`), in the manifest with what it was chosen from (`export.planned`)."""
+    (`planner.exported`): the manifest with it and what it was chosen from (`export.planned`), not yet saved."""
     from hf_specdec.export.ort_backend import OrtBackend, default_device
     from hf_specdec.planner.exported import plan_exported
 
@@ -521,10 +525,7 @@ def record_plan(manifest: Manifest, models: dict, out_dir: Path) -> Manifest:
     target, draft = (OrtBackend(out_dir, role, manifest, device) for role in ("target", "draft"))
     config, record = plan_exported(target, draft, models["target"], models["draft"], manifest.max_dims["new"],
                                    manifest.max_dims["past"])
-    manifest = dataclasses.replace(manifest, speculative_config=str(config),
-                                   export={**manifest.export, "planned": record})
-    manifest.save(out_dir)
-    return manifest
+    return dataclasses.replace(manifest, speculative_config=str(config), export={**manifest.export, "planned": record})
 
 
 def quantize_model(entry: ModelEntry, out_dir: Path, model, role: str, spec) -> ModelEntry:
@@ -549,7 +550,7 @@ def quantize_model(entry: ModelEntry, out_dir: Path, model, role: str, spec) -> 
 
 def record_parity(manifest: Manifest, models: dict, out_dir: Path) -> Manifest:
     """Each quantized graph on ONNX Runtime against its float model (`quantize.measure_parity`), and the target graph
-    against itself (`quantize.measure_consistency`), in the manifest."""
+    against itself (`quantize.measure_consistency`): the manifest with them, not yet saved."""
     from hf_specdec.backends.hf import HFBackend
     from hf_specdec.export.ort_backend import OrtBackend
     from hf_specdec.export.quantize import measure_consistency, measure_parity
@@ -562,6 +563,4 @@ def record_parity(manifest: Manifest, models: dict, out_dir: Path) -> Manifest:
         if role == "target":  # what speculative decoding's exactness is measured against: the target graph itself
             record["consistency"] = measure_consistency(backend, entry.vocab_size)
         entries[role] = dataclasses.replace(entry, quantization=record)
-    manifest = dataclasses.replace(manifest, **entries)
-    manifest.save(out_dir)
-    return manifest
+    return dataclasses.replace(manifest, **entries)

@@ -108,6 +108,24 @@ def test_missing_manifest(tmp_path):
         load_onnxruntime_pair(tmp_path)
 
 
+def test_an_export_stopped_before_its_end_leaves_no_manifest(tmp_path, monkeypatch):
+    """The manifest is written last: an export that fails while planning (or anywhere after the graphs) leaves a
+    directory that refuses to load, also where an older export's manifest was there before."""
+    import hf_specdec.planner.exported as exported_plan
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"stale": True}))
+    monkeypatch.setattr(exported_plan, "plan_exported", interrupted)
+    model = tiny_model("llama")
+    with pytest.raises(KeyboardInterrupt):
+        export_pair(model, model, word_tokenizer(64), tmp_path, {"target": "", "draft": ""}, speculative_config="auto")
+    assert (tmp_path / "target.onnx").is_file() and not (tmp_path / "manifest.json").exists()
+    with pytest.raises(ManifestError, match="no manifest.json.*stopped before the end"):
+        load_onnxruntime_pair(tmp_path)
+
+
 def test_manifest_of_another_version(llama_copy):
     edit_manifest(llama_copy, format_version=99)
     with pytest.raises(ManifestError, match="version 99.*re-export it with `hf-specdec export"):
