@@ -507,7 +507,6 @@ def export_pair(
     if quantization is not None:
         manifest.export["quantization"] = dataclasses.asdict(quantization)
         manifest.export["versions"]["onnxruntime"] = importlib.metadata.version("onnxruntime")
-    if quantization is not None:
         manifest = record_parity(manifest, models, out_dir)
     if plan:
         manifest = record_plan(manifest, models, out_dir)
