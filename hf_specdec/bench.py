@@ -108,7 +108,8 @@ def settings_for(methods, budgets, temperatures, backends=("pytorch",), assisted
                  drafts=("draft",), assistant: str | None = "draft", weights: dict[str, str] | None = None) -> list[Setting]:
     """Every (backend, temperature, method, shape, draft) to measure: the speculative methods with each of `drafts`,
     HF assisted generation (on PyTorch only) with `assistant` (None: no HF assisted rows); llama.cpp runs plain
-    decoding ("ar") and its own prompt lookup ("prompt-lookup") only. `weights`: backend -> how it stores the weights, recorded with its settings."""
+    decoding ("ar") and its own prompt lookup ("prompt-lookup") only. `weights`: backend -> how it stores the weights,
+    recorded with its settings."""
     settings = []
     for backend in backends:
         if backend not in BACKENDS:

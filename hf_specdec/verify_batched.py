@@ -780,7 +780,7 @@ def _verify_sparse(inputs: VerifyInputs, compact: bool | str | None) -> VerifyRe
     paths = inputs.paths.to(device=device, dtype=torch.long)
     draft_sparse = isinstance(inputs.draft_probs, SparseProbs)
     if compact is False or inputs.rule == "greedy" or 0 in paths.shape[1:] or not draft_sparse:
-        return _verify(inputs.dense())
+        return verify_tree_batched(inputs.dense(), compact)  # the dense paths, their compaction included
     tables = _TreeTables(inputs, paths, inputs.node_tokens.shape[1])
     if target_sparse:
         compacted, token_ids = union_vocabulary(inputs, tables)
